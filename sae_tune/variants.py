@@ -1,0 +1,175 @@
+"""Kernel variants: one frozen, validated set of template parameters.
+
+A ``Variant`` is the only thing that reaches a template. Every field is checked on construction (type,
+allowed values, powers of two where Triton needs them), so a value read from a config file, a cache row or
+a command line can never put anything into generated source that is not one of a few known numbers or
+words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ALLOCS = ("exact", "fixed")
+OVERFLOWS = ("validate", "fallback", "unchecked")
+
+# Inclusive bounds of every integer field; power-of-two fields are marked.
+_INT_FIELDS: dict[str, tuple[int, int, bool]] = {
+    "max_l0": (1, 1 << 20, False),
+    "block_f": (256, 8192, True),
+    "block_d": (16, 2048, True),
+    "block_l": (1, 64, True),
+    "num_warps": (1, 16, True),
+    "num_warps_build": (1, 16, True),
+    "num_stages": (1, 4, False),
+}
+
+# Elements of the gathered BLOCK_L x BLOCK_D tile one thread may hold before registers run out; the
+# default space stays under it (compile-check proves it builds without spills).
+TILE_ELEMS_PER_THREAD = 64
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the kernel family.
+
+    alloc     "exact": count, cumsum, fill (one host sync for the size); "fixed": B x max_l0 slots.
+    overflow  fixed only. "validate": sync and raise if a token has more than max_l0 non-zeros;
+              "fallback": no sync, over-full tokens are decoded from their dense row on the device;
+              "unchecked": truncates, runs only when the caller allows truncation.
+    max_l0    fixed only: slots per token.
+    block_f   features per program when building the sparse view.
+    block_d   output columns per decode program.
+    block_l   non-zeros gathered per decode step (1 = scalar loop).
+    num_warps / num_warps_build / num_stages  launch options of the decode and build kernels.
+    """
+
+    alloc: str = "exact"
+    overflow: str = "fallback"
+    max_l0: int = 128
+    block_f: int = 1024
+    block_d: int = 256
+    block_l: int = 8
+    num_warps: int = 4
+    num_warps_build: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("alloc", ALLOCS), ("overflow", OVERFLOWS)):
+            value = getattr(self, name)
+            if type(value) is not str or value not in allowed:
+                raise ValueError(f"Variant.{name} must be one of {list(allowed)}, got {value!r}")
+        for name, (lo, hi, pow2) in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise TypeError(f"Variant.{name} must be an int, got {type(value).__name__} {value!r}")
+            if not lo <= value <= hi:
+                raise ValueError(f"Variant.{name} must be in [{lo}, {hi}], got {value}")
+            if pow2 and not _is_pow2(value):
+                raise ValueError(f"Variant.{name} must be a power of two, got {value}")
+        if self.alloc == "exact":
+            defaults = Variant.__dataclass_fields__
+            for name in ("overflow", "max_l0"):
+                if getattr(self, name) != defaults[name].default:
+                    raise ValueError(f"Variant.{name} applies to alloc='fixed' only; leave it unset for exact")
+
+    # --- identity -----------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Short, stable, human-readable name (also a cache and CLI identifier)."""
+        head = "exact" if self.alloc == "exact" else f"fixed-{self.overflow}-m{self.max_l0}"
+        return (
+            f"{head}-f{self.block_f}-d{self.block_d}-l{self.block_l}"
+            f"-w{self.num_warps}-wb{self.num_warps_build}-s{self.num_stages}"
+        )
+
+    @property
+    def can_truncate(self) -> bool:
+        """True when this variant may silently drop features of a token with more than max_l0."""
+        return self.alloc == "fixed" and self.overflow == "unchecked"
+
+    @property
+    def fallback_rows(self) -> int:
+        """Rows per step of the dense-row walk of over-full tokens (fallback policy)."""
+        return max(1, min(32, 2048 // self.block_d))
+
+    def template_params(self) -> dict[str, Any]:
+        """What the templates see. max_l0 and launch options are runtime values, not source."""
+        return {
+            "alloc": self.alloc,
+            "fallback": self.alloc == "fixed" and self.overflow == "fallback",
+            "block_f": self.block_f,
+            "block_d": self.block_d,
+            "block_l": self.block_l,
+            "fallback_rows": self.fallback_rows,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.alloc == "exact":
+            del data["overflow"], data["max_l0"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Variant:
+        """Build from an outside mapping; unknown keys are an error naming the key."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a variant must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ValueError(f"unknown variant field(s): {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    # --- search space -------------------------------------------------------------------------------
+    @staticmethod
+    def search_space(
+        F: int,
+        D: int,
+        dtype: torch.dtype = torch.float32,
+        *,
+        max_l0s: Iterable[int] = (64, 128, 256),
+        allow_unchecked: bool = False,
+    ) -> list[Variant]:
+        """The default space for an SAE of width F and d_model D.
+
+        Block sizes are capped by the problem size, and tiles that would not fit one thread's registers
+        are left out. ``unchecked`` appears only when the caller allows truncation.
+        """
+        if F < 1 or D < 1:
+            raise ValueError(f"F and D must be positive, got F={F}, D={D}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        f_cap, d_cap = max(256, next_pow2(F)), max(32, next_pow2(D))
+        block_fs = sorted({min(bf, f_cap) for bf in (1024, 4096)})
+        decode = [
+            (bd, bl, w)
+            for bd in (64, 128, 256, 512)
+            if bd <= d_cap
+            for bl in (1, 4, 16)
+            for w in (2, 4, 8)
+            if bl * bd <= TILE_ELEMS_PER_THREAD * 32 * w and bl * bd >= 32 * w
+        ]
+        heads: list[dict[str, Any]] = [{"alloc": "exact"}]
+        overflows = ("validate", "fallback") + (("unchecked",) if allow_unchecked else ())
+        for m in sorted(set(max_l0s)):
+            heads += [{"alloc": "fixed", "overflow": o, "max_l0": m} for o in overflows]
+        return [
+            Variant(**head, block_f=bf, block_d=bd, block_l=bl, num_warps=w)
+            for head in heads
+            for bf in block_fs
+            for bd, bl, w in decode
+        ]
