@@ -67,7 +67,7 @@ def render(variant: Variant) -> str:
     """The generated module source for ``variant``."""
     params = _checked_params(variant)
     return _env.get_template(ENTRY_TEMPLATE).render(
-        **params, variant_name=variant.name, version=__version__, template_hash=template_hash()
+        **params, version=__version__, template_hash=template_hash()
     )
 
 

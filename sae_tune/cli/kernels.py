@@ -1,0 +1,71 @@
+"""Commands about the kernel family itself: print a generated kernel, compile the space for a GPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import click
+
+from sae_tune.cli.options import DTYPES, dtype_option, variant_options
+from sae_tune.variants import Variant
+
+
+@click.command("show-kernel")
+@variant_options
+@click.option("--path", "show_path", is_flag=True, help="Print where the generated file is instead.")
+def show_kernel(variant: Variant, show_path: bool) -> None:
+    """Print the generated Triton source of one variant."""
+    from sae_tune.templates.render import render, write_module
+
+    if show_path:
+        click.echo(write_module(variant))
+    else:
+        click.echo(render(variant), nl=False)
+
+
+@click.command("compile-check")
+@click.option("--arch", "archs", multiple=True, default=("sm_90",), show_default=True,
+              help="Target architecture (sm_80, sm_86, sm_89, sm_90); repeat for several.")
+@dtype_option
+@click.option("--width", "F", type=click.IntRange(1), default=65536, show_default=True,
+              help="SAE width the default space is built for.")
+@click.option("--d-model", "D", type=click.IntRange(1), default=2304, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
+def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as_json: bool) -> None:
+    """Compile every variant of the default space ahead of time for real GPUs (no GPU needed).
+
+    Exit code 1 when any variant fails to compile or spills registers.
+    """
+    from tqdm import tqdm
+
+    from sae_tune.compile_check import ARCHS, compile_check
+    from sae_tune.triton_support import interpreter_active, triton_installed
+
+    bad = [a for a in archs if a not in ARCHS]
+    if bad:
+        raise click.UsageError(f"unknown --arch {', '.join(bad)}; choose from {', '.join(ARCHS)}")
+    if not triton_installed():
+        raise click.ClickException("compile-check needs triton (pip install triton, Linux)")
+    if interpreter_active():
+        raise click.ClickException("compile-check needs real Triton kernels: unset TRITON_INTERPRET")
+    space = Variant.search_space(F, D, DTYPES[dtype])
+    results = []
+    for arch in archs:
+        def bar(items, arch=arch):
+            return tqdm(items, desc=f"compile {arch}", unit="variant", disable=not sys.stderr.isatty())
+
+        results += compile_check(space, arch, DTYPES[dtype], progress=bar)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+    else:
+        for r in results:
+            status = "ok" if r.ok else "FAILED"
+            usage = f"regs {r.registers:4d}  spills {r.spills:5d}  shared {r.shared:6d}" if r.ok else r.error
+            click.echo(f"{r.arch:6s} {r.variant:52s} {status:6s} {usage}")
+        tally = Counter((r.arch, r.ok and r.spills == 0) for r in results)
+        for arch in archs:
+            click.echo(f"{arch}: {tally[(arch, True)]} of {len(space)} variants compiled without spills", err=True)
+    if any(not r.ok or r.spills for r in results):
+        sys.exit(1)
