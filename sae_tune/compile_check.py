@@ -142,7 +142,7 @@ def compile_kernel(
 
     if interpreter_active():
         raise RuntimeError(
-            "ahead-of-time compilation needs real Triton kernels: run it in a process without TRITON_INTERPRET"
+            "ahead-of-time compilation needs real Triton kernels: run it without TRITON_INTERPRET"
         )
     key = (module_digest(variant), kernel, arch, dtype, num_warps, num_stages)
     if key in _compiled:
@@ -174,8 +174,16 @@ def compile_variant(variant: Variant, arch: str, dtype: torch.dtype = torch.floa
             usages.append(compile_kernel(variant, kernel, arch, dtype, warps, stages))
     except Exception as exc:  # a compile error is a result of the check, not a crash of it
         first = str(exc).strip().splitlines()[:3]
-        return CompileResult(variant.name, arch, dtype_name, False, None, None, None,
-                             f"{type(exc).__name__}: {' '.join(first)}")
+        return CompileResult(
+            variant.name,
+            arch,
+            dtype_name,
+            False,
+            None,
+            None,
+            None,
+            f"{type(exc).__name__}: {' '.join(first)}",
+        )
     return CompileResult(
         variant.name,
         arch,

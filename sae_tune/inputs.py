@@ -63,8 +63,9 @@ def check_decode_inputs(
     out_dtype = W_dec.dtype
     if b_dec is not None:
         if b_dec.shape != (D,):
-            raise ValueError(f"b_dec must have shape ({D},) to match W_dec {tuple(W_dec.shape)}, got "
-                             f"{tuple(b_dec.shape)}")
+            raise ValueError(
+                f"b_dec must have shape ({D},) to match W_dec {tuple(W_dec.shape)}, got {tuple(b_dec.shape)}"
+            )
         if b_dec.device != W_dec.device:
             raise ValueError(f"b_dec is on {b_dec.device} but W_dec is on {W_dec.device}")
         out_dtype = torch.promote_types(out_dtype, b_dec.dtype)

@@ -69,7 +69,9 @@ def build_sparse(acts: torch.Tensor, variant: Variant) -> SparseView:
         cols = torch.empty(total, dtype=torch.int32, device=acts.device)
         vals = torch.empty(total, dtype=acts.dtype, device=acts.device)
         if total:
-            module.fill_kernel[grid](acts, slice_start, cols, vals, F, acts.stride(0), acts.stride(1), **launch)
+            module.fill_kernel[grid](
+                acts, slice_start, cols, vals, F, acts.stride(0), acts.stride(1), **launch
+            )
         return SparseView(variant, cols, vals, row_ptr, acts)
     m = variant.max_l0
     counts = torch.zeros(B, dtype=torch.int32, device=acts.device)

@@ -84,7 +84,9 @@ class Variant:
             defaults = Variant.__dataclass_fields__
             for name in ("overflow", "max_l0"):
                 if getattr(self, name) != defaults[name].default:
-                    raise ValueError(f"Variant.{name} applies to alloc='fixed' only; leave it unset for exact")
+                    raise ValueError(
+                        f"Variant.{name} applies to alloc='fixed' only; leave it unset for exact"
+                    )
 
     # --- identity -----------------------------------------------------------------------------------
     @property

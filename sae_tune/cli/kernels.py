@@ -26,11 +26,23 @@ def show_kernel(variant: Variant, show_path: bool) -> None:
 
 
 @click.command("compile-check")
-@click.option("--arch", "archs", multiple=True, default=("sm_90",), show_default=True,
-              help="Target architecture (sm_80, sm_86, sm_89, sm_90); repeat for several.")
+@click.option(
+    "--arch",
+    "archs",
+    multiple=True,
+    default=("sm_90",),
+    show_default=True,
+    help="Target architecture (sm_80, sm_86, sm_89, sm_90); repeat for several.",
+)
 @dtype_option
-@click.option("--width", "F", type=click.IntRange(1), default=65536, show_default=True,
-              help="SAE width the default space is built for.")
+@click.option(
+    "--width",
+    "F",
+    type=click.IntRange(1),
+    default=65536,
+    show_default=True,
+    help="SAE width the default space is built for.",
+)
 @click.option("--d-model", "D", type=click.IntRange(1), default=2304, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
 def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as_json: bool) -> None:
@@ -53,6 +65,7 @@ def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as
     space = Variant.search_space(F, D, DTYPES[dtype])
     results = []
     for arch in archs:
+
         def bar(items, arch=arch):
             return tqdm(items, desc=f"compile {arch}", unit="variant", disable=not sys.stderr.isatty())
 
@@ -66,6 +79,8 @@ def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as
             click.echo(f"{r.arch:6s} {r.variant:52s} {status:6s} {usage}")
         tally = Counter((r.arch, r.ok and r.spills == 0) for r in results)
         for arch in archs:
-            click.echo(f"{arch}: {tally[(arch, True)]} of {len(space)} variants compiled without spills", err=True)
+            click.echo(
+                f"{arch}: {tally[(arch, True)]} of {len(space)} variants compiled without spills", err=True
+            )
     if any(not r.ok or r.spills for r in results):
         sys.exit(1)

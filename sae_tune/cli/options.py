@@ -19,13 +19,17 @@ _VARIANT_DEFAULTS = Variant()
 def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add one option per Variant field; the command receives ``variant``."""
     fields = [
-        click.option("--alloc", type=click.Choice(ALLOCS), default=_VARIANT_DEFAULTS.alloc, show_default=True),
+        click.option(
+            "--alloc", type=click.Choice(ALLOCS), default=_VARIANT_DEFAULTS.alloc, show_default=True
+        ),
         click.option("--overflow", type=click.Choice(OVERFLOWS), default=None, help="fixed only [fallback]"),
         click.option("--max-l0", type=int, default=None, help="fixed only [128]"),
     ]
     for name in ("block_f", "block_d", "block_l", "num_warps", "num_warps_build", "num_stages"):
         flag = "--" + name.replace("_", "-")
-        fields.append(click.option(flag, type=int, default=getattr(_VARIANT_DEFAULTS, name), show_default=True))
+        fields.append(
+            click.option(flag, type=int, default=getattr(_VARIANT_DEFAULTS, name), show_default=True)
+        )
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
@@ -44,6 +48,6 @@ def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def dtype_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True
-    )(command)
+    return click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)(
+        command
+    )
