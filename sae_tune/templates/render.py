@@ -7,6 +7,7 @@ processes, and a person can open the file and read the kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -50,6 +51,7 @@ def _checked_params(variant: Variant) -> dict[str, object]:
     """Template parameters, re-checked: only known words, bools and ints reach the template."""
     if not isinstance(variant, Variant):
         raise TypeError(f"expected a Variant, got {type(variant).__name__}")
+    Variant(**dataclasses.asdict(variant))  # validate again: the object may have been tampered with
     params = variant.template_params()
     for key, value in params.items():
         if key == "alloc":
