@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
@@ -11,7 +10,12 @@ import torch
 
 @functools.cache
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """True when triton imports (called lazily: importing sae_tune never imports triton)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def interpreter_active() -> bool:

@@ -16,3 +16,7 @@ def main() -> None:
 
 main.add_command(show_kernel)
 main.add_command(compile_check_command)
+
+
+if __name__ == "__main__":
+    main()

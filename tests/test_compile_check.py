@@ -1,0 +1,74 @@
+"""Ahead-of-time compilation for real GPU targets. It needs real Triton kernels, so it runs in a
+child process without TRITON_INTERPRET (the test process uses the interpreter)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sae_tune.compile_check import ARCHS, parse_arch
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, "-m", "sae_tune.cli.main", *args], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def small_space_results():
+    """The default space of a small SAE (F=256, D=64), compiled for three architectures."""
+    done = run_cli("compile-check", "--width", "256", "--d-model", "64", "--dtype", "bfloat16",
+                   "--arch", "sm_80", "--arch", "sm_89", "--arch", "sm_90", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_json_lists_every_variant_per_arch_with_resources(small_space_results):
+    from sae_tune.variants import Variant
+
+    space = Variant.search_space(256, 64)
+    names = {v.name for v in space}
+    for arch in ("sm_80", "sm_89", "sm_90"):
+        rows = [r for r in small_space_results if r["arch"] == arch]
+        assert {r["variant"] for r in rows} == names
+        for r in rows:
+            assert {"variant", "arch", "ok", "registers", "spills", "shared"} <= set(r)
+            assert r["ok"] is True and r["spills"] == 0
+            assert 0 < r["registers"] <= 255 and r["shared"] >= 0
+
+
+def test_bf16_and_fp16_compile_on_sm80_and_sm90():
+    code = (
+        "import json, torch; from sae_tune.compile_check import compile_variant; "
+        "from sae_tune.variants import Variant; "
+        "vs = [Variant(alloc='fixed', overflow='fallback', block_d=512, block_l=16, num_warps=8), "
+        "Variant(alloc='exact', block_l=1, block_d=64, num_warps=2)]; "
+        "print(json.dumps([compile_variant(v, a, d).to_json() for v in vs for a in ('sm_80', 'sm_90') "
+        "for d in (torch.float16, torch.float32)]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert len(rows) == 8 and all(r["ok"] and r["spills"] == 0 for r in rows)
+    assert {k["kernel"] for r in rows for k in r["kernels"]} == {
+        "count_kernel", "fill_kernel", "fill_fixed_kernel", "decode_kernel"}
+
+
+def test_unknown_arch_is_a_usage_error():
+    with pytest.raises(ValueError, match="sm_75"):
+        parse_arch("sm_75")
+    done = run_cli("compile-check", "--arch", "sm_75")
+    assert done.returncode == 2 and "sm_75" in done.stderr
+    assert set(ARCHS) >= {"sm_80", "sm_89", "sm_90"}
+
+
+def test_refuses_to_run_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "sae_tune.cli.main", "compile-check"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "TRITON_INTERPRET" in done.stderr
