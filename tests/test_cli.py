@@ -8,8 +8,10 @@ from sae_tune.variants import Variant
 
 
 def test_show_kernel_prints_the_generated_source():
-    result = CliRunner().invoke(main, ["show-kernel", "--alloc", "fixed", "--overflow", "fallback",
-                                       "--max-l0", "16", "--block-l", "8"])
+    result = CliRunner().invoke(
+        main,
+        ["show-kernel", "--alloc", "fixed", "--overflow", "fallback", "--max-l0", "16", "--block-l", "8"],
+    )
     assert result.exit_code == 0, result.output
     expected = render(Variant(alloc="fixed", overflow="fallback", max_l0=16, block_l=8))
     assert result.output == expected
@@ -25,8 +27,12 @@ def test_show_kernel_path_points_at_the_written_file():
 
 def test_invalid_variant_options_are_usage_errors():
     runner = CliRunner()
-    for args in (["--block-d", "100"], ["--block-l", "abc"], ["--alloc", "exact", "--max-l0", "64"],
-                 ["--alloc", "dense"]):
+    for args in (
+        ["--block-d", "100"],
+        ["--block-l", "abc"],
+        ["--alloc", "exact", "--max-l0", "64"],
+        ["--alloc", "dense"],
+    ):
         result = runner.invoke(main, ["show-kernel", *args])
         assert result.exit_code == 2, (args, result.output)
 

@@ -21,8 +21,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def small_space_results():
     """The default space of a small SAE (F=256, D=64), compiled for three architectures."""
-    done = run_cli("compile-check", "--width", "256", "--d-model", "64", "--dtype", "bfloat16",
-                   "--arch", "sm_80", "--arch", "sm_89", "--arch", "sm_90", "--json")
+    args = "compile-check --width 256 --d-model 64 --dtype bfloat16 --arch sm_80 --arch sm_89 --arch sm_90"
+    done = run_cli(*args.split(), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
@@ -56,7 +56,11 @@ def test_bf16_and_fp16_compile_on_sm80_and_sm90():
     rows = json.loads(done.stdout)
     assert len(rows) == 8 and all(r["ok"] and r["spills"] == 0 for r in rows)
     assert {k["kernel"] for r in rows for k in r["kernels"]} == {
-        "count_kernel", "fill_kernel", "fill_fixed_kernel", "decode_kernel"}
+        "count_kernel",
+        "fill_kernel",
+        "fill_fixed_kernel",
+        "decode_kernel",
+    }
 
 
 def test_unknown_arch_is_a_usage_error():
@@ -69,6 +73,7 @@ def test_unknown_arch_is_a_usage_error():
 
 def test_refuses_to_run_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "sae_tune.cli.main", "compile-check"],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "sae_tune.cli.main", "compile-check"], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 1 and "TRITON_INTERPRET" in done.stderr

@@ -46,8 +46,9 @@ def grid_variant(alloc: str, F: int, tile: tuple[int, int]) -> Variant:
     if alloc == "exact":
         return Variant(alloc="exact", block_l=block_l, block_d=block_d)
     # max_l0 = 64 makes the L0 = 100 tokens of small widths over-full: the fallback path runs in the grid
-    return Variant(alloc="fixed", overflow="fallback", max_l0=64 if F <= 1024 else 128, block_l=block_l,
-                   block_d=block_d)
+    return Variant(
+        alloc="fixed", overflow="fallback", max_l0=64 if F <= 1024 else 128, block_l=block_l, block_d=block_d
+    )
 
 
 def run_case(alloc, dtype, B, F, D, L0, tile, with_bias=True):

@@ -85,8 +85,10 @@ def test_generated_file_imports_in_a_fresh_process(tmp_path):
     v = Variant(alloc="fixed", overflow="fallback")
     path = tmp_path / "kernel.py"
     path.write_text(render(v))
-    code = f"import importlib.util as u; s=u.spec_from_file_location('k', {str(path)!r}); " \
+    code = (
+        f"import importlib.util as u; s=u.spec_from_file_location('k', {str(path)!r}); "
         "m=u.module_from_spec(s); s.loader.exec_module(m); print(m.BLOCK_D, m.decode_kernel)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("constexpr[256]")

@@ -35,10 +35,7 @@ def test_import_without_triton_in_a_fresh_process(tmp_path):
     blocker = tmp_path / "triton"
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('triton is blocked for this test')\n")
-    code = (
-        "import sys; import sae_tune; "
-        "print(sae_tune.triton_available('cuda'), 'triton' in sys.modules)"
-    )
+    code = "import sys; import sae_tune; print(sae_tune.triton_available('cuda'), 'triton' in sys.modules)"
     env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
