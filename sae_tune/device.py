@@ -78,7 +78,7 @@ def _normalize(device: torch.device | str) -> tuple[str, int | None]:
     return "cuda", dev.index if dev.index is not None else torch.cuda.current_device()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _describe(kind: str, index: int | None) -> DeviceInfo:
     if kind == "cuda":
         major, minor = torch.cuda.get_device_capability(index)
@@ -106,6 +106,7 @@ def describe_device(device: torch.device | str) -> DeviceInfo:
 def clear_device_cache() -> None:
     """Forget cached descriptions (tests, or after the visible CUDA devices changed)."""
     _describe.cache_clear()
+
 
 _SLUG = re.compile(r"[^A-Za-z0-9]+")
 
