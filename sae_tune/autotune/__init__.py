@@ -1,0 +1,1 @@
+"""Autotuning: workloads, timing, search and verification of decode candidates."""
