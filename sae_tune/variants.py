@@ -116,6 +116,7 @@ class Variant:
             "block_f": self.block_f,
             "block_d": self.block_d,
             "block_l": self.block_l,
+            "fallback_slice": min(self.block_f, 1024),
             "fallback_rows": self.fallback_rows,
         }
 

@@ -46,7 +46,8 @@ def test_bf16_and_fp16_compile_on_sm80_and_sm90():
         "import json, torch; from sae_tune.compile_check import compile_variant; "
         "from sae_tune.variants import Variant; "
         "vs = [Variant(alloc='fixed', overflow='fallback', block_d=512, block_l=16, num_warps=8), "
-        "Variant(alloc='exact', block_l=1, block_d=64, num_warps=2)]; "
+        "Variant(alloc='exact', block_l=1, block_d=64, num_warps=2), "
+        "Variant(alloc='fixed', overflow='fallback', block_f=4096, block_d=64, block_l=16, num_warps=2)]; "
         "print(json.dumps([compile_variant(v, a, d).to_json() for v in vs for a in ('sm_80', 'sm_90') "
         "for d in (torch.float16, torch.float32)]))"
     )
@@ -54,7 +55,7 @@ def test_bf16_and_fp16_compile_on_sm80_and_sm90():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
-    assert len(rows) == 8 and all(r["ok"] and r["spills"] == 0 for r in rows)
+    assert len(rows) == 12 and all(r["ok"] and r["spills"] == 0 for r in rows)
     assert {k["kernel"] for r in rows for k in r["kernels"]} == {
         "count_kernel",
         "fill_kernel",
@@ -77,3 +78,13 @@ def test_refuses_to_run_under_the_interpreter():
         [sys.executable, "-m", "sae_tune.cli.main", "compile-check"], capture_output=True, text=True, env=env
     )
     assert done.returncode == 1 and "TRITON_INTERPRET" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
+def test_whole_default_space_compiles_without_spills(arch):
+    """The gemma-2b-l20 default space (448 variants), as `sae-tune compile-check` runs it."""
+    done = run_cli("compile-check", "--arch", arch, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert len(rows) == 448 and all(r["ok"] and r["spills"] == 0 for r in rows)

@@ -1,0 +1,53 @@
+"""Tuned-config cache: the local SQLite store, export/import of shared files, and shipped per-GPU files."""
+
+from sae_tune.cache.share import (
+    ConfigFileError,
+    ImportResult,
+    ShippedConfigWarning,
+    export_records,
+    import_file,
+    load_file,
+    load_shipped,
+    validate_payload,
+    write_export,
+)
+from sae_tune.cache.store import (
+    IMPLS,
+    BaselineRecord,
+    CacheError,
+    CacheKey,
+    FieldError,
+    Provenance,
+    Store,
+    TrialRecord,
+    WinnerRecord,
+    batch_bucket,
+    default_cache_path,
+    l0_bucket,
+    resolve_cache_path,
+)
+
+__all__ = [
+    "IMPLS",
+    "BaselineRecord",
+    "CacheError",
+    "CacheKey",
+    "ConfigFileError",
+    "FieldError",
+    "ImportResult",
+    "Provenance",
+    "ShippedConfigWarning",
+    "Store",
+    "TrialRecord",
+    "WinnerRecord",
+    "batch_bucket",
+    "default_cache_path",
+    "export_records",
+    "import_file",
+    "l0_bucket",
+    "load_file",
+    "load_shipped",
+    "resolve_cache_path",
+    "validate_payload",
+    "write_export",
+]

@@ -1,0 +1,954 @@
+"""The local SQLite cache: every trial, the winner per key, baselines, and where each number came from.
+
+The store is the source of truth for tuned configs on this machine. It is written by several processes at
+once (parallel tuning runs, a notebook and a CLI), so it runs in WAL mode with a busy timeout and takes the
+write lock up front (``BEGIN IMMEDIATE``) for every write. It sits at a path the user chose or a default
+cache path, where another program's file may already be; so an existing file is inspected through a
+read-only connection first, and a corrupt file, a foreign database or a newer schema raises ``CacheError``
+naming the path and the problem, without a byte of that file being changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+from sqlite_utils.db import Table
+
+from sae_tune.paths import user_cache_dir
+from sae_tune.torch_paths import TORCH_PATHS
+from sae_tune.variants import Variant
+
+SCHEMA_NAME = "sae-tune-cache"
+SCHEMA_VERSION = 1
+ENV_CACHE = "SAE_TUNE_CACHE"
+DEFAULT_FILE_NAME = "cache.sqlite"
+
+OPS = ("decode",)
+DTYPES = ("float32", "float16", "bfloat16")
+# Every candidate that may be stored: the torch-built paths by name, and "triton" (configs are Variant dicts).
+IMPLS = (*TORCH_PATHS, "triton")
+SOURCES = ("measured", "imported", "shipped")
+TABLES = ("meta", "trials", "winners", "baselines")
+
+KEY_FIELDS = (
+    "device_name",
+    "capability",
+    "torch_version",
+    "triton_version",
+    "template_hash",
+    "op",
+    "dtype",
+    "F",
+    "D",
+    "batch_bucket",
+    "l0_bucket",
+)
+PROVENANCE_FIELDS = ("date", "sae_tune_version", "host_kind")
+
+MAX_F = 1 << 26
+MAX_D = 1 << 18
+MAX_BATCH_BUCKET = 1 << 24
+MAX_MS = 1e7
+MAX_ERROR_CHARS = 4000
+MAX_TEXT = 200
+MAX_CONFIG_INT = 1 << 24
+
+
+class CacheError(RuntimeError):
+    """The cache file cannot be used; the message names the path and the problem."""
+
+
+class FieldError(ValueError):
+    """A value that may not be stored; ``field`` names it (e.g. "F", "config", "provenance.date")."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+# --- small helpers ----------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    """A short, escaped rendering of an untrusted value for error messages."""
+    if type(value) is int and value.bit_length() > 128:
+        return f"<int of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def batch_bucket(b: int) -> int:
+    """The batch bucket of batch size ``b``: the smallest power of two >= b (so 33..64 share a winner)."""
+    if type(b) is not int or b < 1:
+        raise ValueError(f"batch size must be a positive int, got {_show(b)}")
+    return next_pow2(b)
+
+
+def l0_bucket(l0: float) -> int:
+    """The L0 bucket of a mean L0: the smallest power of two >= it (L0 <= 1, e.g. a dead batch, is 1)."""
+    if isinstance(l0, bool) or not isinstance(l0, (int, float)) or not math.isfinite(l0) or l0 < 0:
+        raise ValueError(f"mean L0 must be a finite number >= 0, got {_show(l0)}")
+    return next_pow2(math.ceil(l0))
+
+
+def sae_tune_version() -> str:
+    """The installed sae-tune version (provenance); "0+unknown" when running from an uninstalled tree."""
+    try:
+        return metadata.version("sae-tune")
+    except metadata.PackageNotFoundError:
+        version = getattr(sys.modules.get("sae_tune"), "__version__", None)
+        return str(version) if version else "0+unknown"
+
+
+def host_kind() -> str:
+    """What kind of host measured a number, e.g. "linux-x86_64" (no host names: exports are shared)."""
+    kind = f"{platform.system() or 'unknown'}-{platform.machine() or 'unknown'}".lower()
+    return re.sub(r"[^a-z0-9_.-]", "_", kind)[:64]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- field validation (shared with share.py, so files and Python callers obey the same rules) --------
+
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+!-]{0,63}")
+_HASH_RE = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
+_CAPABILITY_RE = re.compile(r"[0-9]{1,2}\.[0-9]{1,2}")
+_HOST_KIND_RE = re.compile(r"[a-z0-9_.-]{1,64}")
+
+
+def _text(field: str, value: Any, limit: int = MAX_TEXT) -> str:
+    if type(value) is not str:
+        raise FieldError(field, f"must be a string, got {type(value).__name__} {_show(value)}")
+    if not 1 <= len(value) <= limit:
+        raise FieldError(field, f"must be 1..{limit} characters, got {len(value)}")
+    if not value.isprintable() or value != value.strip():
+        raise FieldError(field, f"must be printable text without surrounding spaces, got {_show(value)}")
+    return value
+
+
+def _pattern(field: str, value: Any, regex: re.Pattern[str], what: str) -> str:
+    if type(value) is not str:
+        raise FieldError(field, f"must be a string, got {type(value).__name__} {_show(value)}")
+    if not regex.fullmatch(value):
+        raise FieldError(field, f"must be {what}, got {_show(value)}")
+    return value
+
+
+def _int(field: str, value: Any, lo: int, hi: int, pow2: bool = False) -> int:
+    if type(value) is not int:
+        raise FieldError(field, f"must be an integer, got {type(value).__name__} {_show(value)}")
+    if not lo <= value <= hi:
+        raise FieldError(field, f"must be in [{lo}, {hi}], got {_show(value)}")
+    if pow2 and not _is_pow2(value):
+        raise FieldError(field, f"must be a power of two, got {value}")
+    return value
+
+
+def check_ms(field: str, value: Any, *, optional: bool = False) -> float | None:
+    """A time in milliseconds: a finite number in (0, 1e7]; None only where ``optional``."""
+    if value is None and optional:
+        return None
+    if type(value) not in (int, float):
+        raise FieldError(field, f"must be a number, got {type(value).__name__} {_show(value)}")
+    if not math.isfinite(value) or not 0 < value <= MAX_MS:
+        raise FieldError(field, f"must be a finite number of milliseconds in (0, {MAX_MS:g}], got {value!r}")
+    return float(value)
+
+
+def check_key_field(name: str, value: Any) -> Any:
+    """Validate one ``CacheKey`` field; raises ``FieldError`` naming it."""
+    if name == "device_name":
+        return _text(name, value, 128)
+    if name == "capability":
+        return None if value is None else _pattern(name, value, _CAPABILITY_RE, 'like "9.0" or null (CPU)')
+    if name == "torch_version":
+        return _pattern(name, value, _VERSION_RE, "a version string")
+    if name == "triton_version":
+        return None if value is None else _pattern(name, value, _VERSION_RE, "a version string or null")
+    if name == "template_hash":
+        return _pattern(name, value, _HASH_RE, "a hash of [A-Za-z0-9_.:-], at most 80 characters")
+    if name == "op":
+        if type(value) is not str or value not in OPS:
+            raise FieldError(name, f"must be one of {list(OPS)}, got {_show(value)}")
+        return value
+    if name == "dtype":
+        if type(value) is not str or value not in DTYPES:
+            raise FieldError(name, f"must be one of {list(DTYPES)}, got {_show(value)}")
+        return value
+    if name == "F":
+        return _int(name, value, 1, MAX_F)
+    if name == "D":
+        return _int(name, value, 1, MAX_D)
+    if name == "batch_bucket":
+        return _int(name, value, 1, MAX_BATCH_BUCKET, pow2=True)
+    if name == "l0_bucket":
+        return _int(name, value, 1, MAX_F, pow2=True)
+    raise FieldError(name, "is not a cache key field")
+
+
+def check_impl(value: Any) -> str:
+    if type(value) is not str or value not in IMPLS:
+        raise FieldError("impl", f"must be one of {list(IMPLS)}, got {_show(value)}")
+    return value
+
+
+def validate_config(impl: str, config: Any) -> dict[str, Any]:
+    """Check a candidate's config and return its canonical form.
+
+    Triton configs must be accepted by ``Variant.from_dict`` (and are stored as its ``to_dict()``), so a
+    config can only ever name a known kernel variant. Torch paths take exactly their build parameters
+    (``TorchPath.params``) plus an optional ``chunk``, all positive ints: what ``TorchPath.build`` accepts,
+    and nothing a template or ``eval`` could misuse.
+    """
+    check_impl(impl)
+    if type(config) is not dict:
+        raise FieldError("config", f"must be an object, got {type(config).__name__} {_show(config)}")
+    if impl == "triton":
+        try:
+            return Variant.from_dict(config).to_dict()
+        except (TypeError, ValueError) as exc:
+            raise FieldError("config", f"not a valid triton Variant: {exc}") from None
+    required = TORCH_PATHS[impl].params
+    allowed = (*required, "chunk")
+    unknown = sorted(_show(k) for k in config if k not in allowed)
+    if unknown:
+        raise FieldError(
+            "config", f"unknown parameter(s) {', '.join(unknown)} for {impl} (takes {list(allowed)})"
+        )
+    for name in required:
+        if name not in config:
+            raise FieldError(f"config.{name}", f"missing: {impl} needs {list(required)}")
+    out: dict[str, Any] = {}
+    for name in allowed:
+        if name in config:
+            value = config[name]
+            if not (name == "chunk" and value is None):
+                _int(f"config.{name}", value, 1, MAX_CONFIG_INT)
+            out[name] = value
+    return out
+
+
+def check_provenance_field(name: str, value: Any) -> str:
+    field = f"provenance.{name}"
+    if name == "date":
+        _text(field, value, 40)
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise FieldError(field, f"must be an ISO 8601 date, got {_show(value)}") from None
+        return value
+    if name == "sae_tune_version":
+        return _pattern(field, value, _VERSION_RE, "a version string")
+    if name == "host_kind":
+        return _pattern(field, value, _HOST_KIND_RE, "at most 64 characters of [a-z0-9_.-]")
+    if name == "source":
+        if type(value) is not str or value not in SOURCES:
+            raise FieldError(field, f"must be one of {list(SOURCES)}, got {_show(value)}")
+        return value
+    raise FieldError(field, "is not a provenance field")
+
+
+# --- records -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything a timing depends on. Frozen and validated, so it can index dicts and rows safely.
+
+    capability is None on CPU, where ``device_name`` is the CPU model. ``batch_bucket`` and ``l0_bucket``
+    are powers of two (see ``batch_bucket()`` / ``l0_bucket()``).
+    """
+
+    device_name: str
+    capability: str | None
+    torch_version: str
+    triton_version: str | None
+    template_hash: str
+    op: str
+    dtype: str
+    F: int
+    D: int
+    batch_bucket: int
+    l0_bucket: int
+
+    def __post_init__(self) -> None:
+        for name in KEY_FIELDS:
+            check_key_field(name, getattr(self, name))
+        if self.l0_bucket > next_pow2(self.F):
+            raise FieldError("l0_bucket", f"{self.l0_bucket} exceeds the width F={self.F}")
+
+    @property
+    def id(self) -> str:
+        """Stable primary key of this key (NULL-safe, unlike a composite key with nullable columns)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.capability is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CacheKey:
+        unknown = sorted(str(k) for k in data if k not in KEY_FIELDS)
+        if unknown:
+            raise FieldError(unknown[0], "unknown cache key field")
+        missing = [k for k in KEY_FIELDS if k not in data]
+        if missing:
+            raise FieldError(missing[0], "missing cache key field")
+        return cls(**{k: data[k] for k in KEY_FIELDS})
+
+    @classmethod
+    def for_device(
+        cls,
+        info: Any,
+        *,
+        template_hash: str,
+        dtype: Any,
+        F: int,
+        D: int,
+        batch_size: int,
+        mean_l0: float,
+        op: str = "decode",
+    ) -> CacheKey:
+        """Key for a ``DeviceInfo`` and a workload (buckets computed here; dtype may be a torch.dtype)."""
+        return cls(
+            device_name=info.name,
+            capability=info.capability,
+            torch_version=info.torch_version,
+            triton_version=info.triton_version,
+            template_hash=template_hash,
+            op=op,
+            dtype=str(dtype).removeprefix("torch."),
+            F=F,
+            D=D,
+            batch_bucket=batch_bucket(batch_size),
+            l0_bucket=min(l0_bucket(mean_l0), next_pow2(F)),
+        )
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a number came from. ``source``: "measured" here, "imported" from a file, or "shipped"."""
+
+    date: str
+    sae_tune_version: str
+    host_kind: str
+    source: str = "measured"
+
+    def __post_init__(self) -> None:
+        for name in (*PROVENANCE_FIELDS, "source"):
+            check_provenance_field(name, getattr(self, name))
+
+    @classmethod
+    def current(cls, source: str = "measured") -> Provenance:
+        return cls(date=now_iso(), sae_tune_version=sae_tune_version(), host_kind=host_kind(), source=source)
+
+    def to_dict(self) -> dict[str, str]:
+        """The exported form (``source`` is local bookkeeping and is not exported)."""
+        return {name: getattr(self, name) for name in PROVENANCE_FIELDS}
+
+
+@dataclass(frozen=True)
+class WinnerRecord:
+    """The fastest correct candidate known for one key."""
+
+    key: CacheKey
+    impl: str
+    config: dict[str, Any]
+    ms: float
+    dense_ms: float | None
+    provenance: Provenance
+
+    @property
+    def speedup(self) -> float | None:
+        return None if self.dense_ms is None else self.dense_ms / self.ms
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One measurement (or failed attempt) of one candidate."""
+
+    id: int
+    key: CacheKey
+    impl: str
+    config: dict[str, Any]
+    ms: float | None
+    ok: bool
+    error: str | None
+    study: str | None
+    trial_number: int | None
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class BaselineRecord:
+    """Latest time of a reference path (dense, library sparse) for one key."""
+
+    key: CacheKey
+    impl: str
+    config: dict[str, Any]
+    ms: float
+    provenance: Provenance
+
+
+def check_winner(key: CacheKey, impl: str, config: Any, ms: Any, dense_ms: Any) -> dict[str, Any]:
+    """Validate a would-be winner; returns the canonical config."""
+    check_impl(impl)
+    if impl == "triton" and key.is_cpu:
+        raise FieldError("impl", "a triton time on a CPU key is an interpreter time, never a speed")
+    canonical = validate_config(impl, config)
+    check_ms("ms", ms)
+    check_ms("dense_ms", dense_ms, optional=True)
+    return canonical
+
+
+# --- the store ---------------------------------------------------------------------------------------
+
+
+def default_cache_path() -> Path:
+    """``<platformdirs user cache dir>/sae-tune/cache.sqlite``, next to the generated kernels."""
+    return user_cache_dir() / DEFAULT_FILE_NAME
+
+
+def resolve_cache_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """Argument, else ``$SAE_TUNE_CACHE``, else the user cache dir.
+
+    An existing directory means ``<dir>/cache.sqlite`` inside it.
+    """
+    if path is None:
+        path = os.environ.get(ENV_CACHE) or None
+    if path is None:
+        return default_cache_path()
+    resolved = Path(path).expanduser()
+    return resolved / DEFAULT_FILE_NAME if resolved.is_dir() else resolved
+
+
+_KEY_COLUMNS: dict[str, type] = {
+    "key_id": str,
+    "device_name": str,
+    "capability": str,
+    "torch_version": str,
+    "triton_version": str,
+    "template_hash": str,
+    "op": str,
+    "dtype": str,
+    "F": int,
+    "D": int,
+    "batch_bucket": int,
+    "l0_bucket": int,
+}
+_KEY_NOT_NULL = [c for c in _KEY_COLUMNS if c not in ("capability", "triton_version")]
+_PROV_COLUMNS: dict[str, type] = {"recorded_at": str, "sae_tune_version": str, "host_kind": str}
+
+
+def _classify(conn: sqlite3.Connection, path: Path) -> int | None:
+    """Schema version of an sae-tune cache; None for an empty database; CacheError for anything else."""
+    names = sorted(
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'"
+        )
+    )
+    if not names:
+        return None
+    foreign = (
+        f"sae-tune cache {path}: this SQLite database belongs to something else (tables: "
+        f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}); sae-tune will not modify it. "
+        f"Move it away or point {ENV_CACHE} at another file."
+    )
+    if "meta" not in names:
+        raise CacheError(foreign)
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.Error:
+        raise CacheError(foreign) from None
+    if meta.get("schema") != SCHEMA_NAME:
+        raise CacheError(foreign)
+    try:
+        version = int(meta.get("schema_version", ""))
+    except (TypeError, ValueError):
+        raise CacheError(
+            f"sae-tune cache {path}: unreadable schema version {_show(meta.get('schema_version'))}"
+        ) from None
+    if version > SCHEMA_VERSION:
+        raise CacheError(
+            f"sae-tune cache {path}: schema version {version} was written by a newer sae-tune; this one "
+            f"reads version {SCHEMA_VERSION}. Upgrade sae-tune or point {ENV_CACHE} at another file."
+        )
+    missing = [t for t in TABLES if t not in names]
+    if version < 1 or missing:
+        raise CacheError(
+            f"sae-tune cache {path}: damaged (schema version {version}, missing tables: "
+            f"{', '.join(missing) or 'none'}); sae-tune will not modify it. Move it away to start afresh."
+        )
+    return version
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _unusable(path: Path, detail: str) -> CacheError:
+    return CacheError(
+        f"sae-tune cache {path}: not a usable SQLite database ({detail}); it may be corrupt or another "
+        f"program's file. sae-tune will not modify it; move it away or point {ENV_CACHE} elsewhere."
+    )
+
+
+def _inspect_existing(path: Path, timeout: float, check: bool) -> None:
+    """Refuse a file that is not an sae-tune cache, without changing it or leaving files next to it.
+
+    The header is read by hand first, so a non-SQLite file never reaches SQLite. A quiescent WAL database
+    (no ``-wal`` file: no connection is open) is read with ``immutable=1``, which creates no ``-shm`` /
+    ``-wal``; a failed read is retried twice, in case a writer came and checkpointed in between.
+    """
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise CacheError(f"sae-tune cache {path}: is a directory, not a cache file")
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(100)
+    except OSError as exc:
+        raise CacheError(f"sae-tune cache {path}: cannot read it ({exc.strerror or exc})") from None
+    if not header:
+        return
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise _unusable(path, "no SQLite header")
+    for attempt in range(3):
+        # Re-decided per attempt: a writer may have opened (or checkpointed and closed) meanwhile.
+        quiescent_wal = header[18] == 2 and not Path(f"{path}-wal").exists()
+        try:
+            _inspect_sqlite(path, "mode=ro&immutable=1" if quiescent_wal else "mode=ro", timeout, check)
+            return
+        except sqlite3.DatabaseError as exc:
+            if attempt < 2:
+                time.sleep(0.05)
+                continue
+            raise _unusable(path, str(exc)) from None
+
+
+def _inspect_sqlite(path: Path, params: str, timeout: float, check: bool) -> None:
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?{params}", uri=True, timeout=timeout)
+    try:
+        _classify(conn, path)
+        if check:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            if problems != ["ok"]:
+                raise CacheError(
+                    f"sae-tune cache {path}: the database is corrupt ({'; '.join(map(str, problems))}); "
+                    "sae-tune will not modify it. Move it away to start afresh."
+                )
+    finally:
+        conn.close()
+
+
+class Store:
+    """The SQLite cache at ``path`` (argument, ``$SAE_TUNE_CACHE``, or the user cache dir).
+
+    Safe for several processes at once: WAL mode, a busy timeout of ``timeout`` seconds, and every write in
+    its own ``BEGIN IMMEDIATE`` transaction. ``check`` runs SQLite's quick_check on an existing file before
+    opening it for writing.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0, check: bool = True
+    ) -> None:
+        self.path = resolve_cache_path(path)
+        _inspect_existing(self.path, timeout, check)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(self.path), timeout=timeout)
+        except (OSError, sqlite3.Error) as exc:
+            raise CacheError(f"sae-tune cache {self.path}: cannot open it ({exc})") from None
+        self.db = Database(conn, execute_plugins=False)
+        try:
+            with self._errors("opening"):
+                self.db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+                self._enable_wal(timeout)
+                self._init_schema()
+        except BaseException:
+            self.db.close()
+            raise
+
+    # --- plumbing ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise CacheError(f"sae-tune cache {self.path}: {what} failed: {exc}") from None
+
+    @contextlib.contextmanager
+    def _write(self, what: str) -> Iterator[None]:
+        """One write transaction holding the write lock from the start (no deadlocked lock upgrades)."""
+        with self._errors(what):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self.db.commit()
+            except BaseException:
+                self.db.rollback()
+                raise
+
+    def _enable_wal(self, timeout: float) -> None:
+        """Switch to WAL, retrying: the switch needs an exclusive lock and SQLite does not wait for it."""
+        deadline, delay = time.monotonic() + timeout, 0.005
+        while True:
+            try:
+                self.db.enable_wal()
+                break
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.2)
+        mode = self.db.journal_mode
+        if mode != "wal":
+            raise CacheError(
+                f"sae-tune cache {self.path}: WAL mode is not available here (journal mode stays {mode!r}); "
+                f"put the cache on a local filesystem (see {ENV_CACHE})."
+            )
+
+    def _table(self, name: str) -> Table:
+        return self.db.table(name)
+
+    def _init_schema(self) -> None:
+        with self._write("initializing the schema"):
+            if _classify(self.db.conn, self.path) is not None:
+                return
+            prov = {**_PROV_COLUMNS}
+            self._table("meta").create({"key": str, "value": str}, pk="key")
+            self._table("meta").insert_all(
+                [
+                    {"key": "schema", "value": SCHEMA_NAME},
+                    {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                    {"key": "created", "value": now_iso()},
+                    {"key": "created_by", "value": sae_tune_version()},
+                ]
+            )
+            self._table("trials").create(
+                {
+                    "id": int,
+                    **_KEY_COLUMNS,
+                    "impl": str,
+                    "config": str,
+                    "ms": float,
+                    "ok": int,
+                    "error": str,
+                    "study": str,
+                    "trial_number": int,
+                    **prov,
+                },
+                pk="id",
+                not_null=[*_KEY_NOT_NULL, "impl", "config", "ok", *prov],
+            )
+            self._table("trials").create_index(["key_id"])
+            self._table("winners").create(
+                {
+                    **_KEY_COLUMNS,
+                    "impl": str,
+                    "config": str,
+                    "ms": float,
+                    "dense_ms": float,
+                    "speedup": float,
+                    **prov,
+                    "source": str,
+                },
+                pk="key_id",
+                not_null=[*_KEY_NOT_NULL, "impl", "config", "ms", *prov, "source"],
+            )
+            self._table("winners").create_index(["device_name"])
+            self._table("baselines").create(
+                {**_KEY_COLUMNS, "impl": str, "config": str, "ms": float, **prov},
+                pk=("key_id", "impl"),
+                not_null=[*_KEY_NOT_NULL, "impl", "config", "ms", *prov],
+            )
+
+    @staticmethod
+    def _key_row(key: CacheKey) -> dict[str, Any]:
+        return {"key_id": key.id, **key.to_dict()}
+
+    @staticmethod
+    def _prov_row(prov: Provenance) -> dict[str, Any]:
+        return {
+            "recorded_at": prov.date,
+            "sae_tune_version": prov.sae_tune_version,
+            "host_kind": prov.host_kind,
+        }
+
+    def _rows(self, table: str, where: str | None, args: list[Any], order: str) -> list[dict[str, Any]]:
+        with self._errors(f"reading {table}"):
+            return list(self._table(table).rows_where(where, args or None, order_by=order))
+
+    def _decode(
+        self, table: str, row: dict[str, Any], source: str = "measured"
+    ) -> tuple[CacheKey, Provenance]:
+        try:
+            key = CacheKey(**{k: row[k] for k in KEY_FIELDS})
+            prov = Provenance(row["recorded_at"], row["sae_tune_version"], row["host_kind"], source)
+        except (KeyError, ValueError) as exc:
+            raise CacheError(f"sae-tune cache {self.path}: invalid row in {table}: {exc}") from None
+        return key, prov
+
+    def _config(self, table: str, text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError):
+            value = None
+        if type(value) is not dict:
+            raise CacheError(f"sae-tune cache {self.path}: invalid config JSON in {table}: {_show(text)}")
+        return value
+
+    # --- writes --------------------------------------------------------------------------------------
+    def record_trial(
+        self,
+        key: CacheKey,
+        impl: str,
+        config: Mapping[str, Any],
+        ms: float | None,
+        *,
+        ok: bool = True,
+        error: str | None = None,
+        study: str | None = None,
+        trial_number: int | None = None,
+    ) -> int:
+        """Store one measurement (kept forever, so a changed search space does not force a re-tune).
+
+        A failed trial (``ok=False``) may have no time; ``error`` is truncated to 4000 characters.
+        Returns the trial's row id.
+        """
+        canonical = validate_config(impl, dict(config))
+        check_ms("ms", ms, optional=not ok)
+        if study is not None:
+            _text("study", study)
+        if trial_number is not None:
+            _int("trial_number", trial_number, 0, 1 << 31)
+        row = {
+            **self._key_row(key),
+            "impl": impl,
+            "config": json.dumps(canonical, sort_keys=True),
+            "ms": None if ms is None else float(ms),
+            "ok": int(bool(ok)),
+            "error": None if error is None else str(error)[:MAX_ERROR_CHARS],
+            "study": study,
+            "trial_number": trial_number,
+            **self._prov_row(Provenance.current()),
+        }
+        with self._write("recording a trial"):
+            table = self._table("trials").insert(row)
+        return int(table.last_rowid or 0)
+
+    def record_baseline(
+        self, key: CacheKey, impl: str, ms: float, config: Mapping[str, Any] | None = None
+    ) -> None:
+        """Store the latest time of a reference path (e.g. dense) for ``key``; replaces the previous one."""
+        canonical = validate_config(impl, dict(config or {}))
+        check_ms("ms", ms)
+        row = {
+            **self._key_row(key),
+            "impl": impl,
+            "config": json.dumps(canonical, sort_keys=True),
+            "ms": float(ms),
+            **self._prov_row(Provenance.current()),
+        }
+        with self._write("recording a baseline"):
+            self._table("baselines").upsert(row, pk=("key_id", "impl"))
+
+    def _set_winner(self, rec: WinnerRecord) -> bool:
+        """Inside an open write transaction: store ``rec`` if it beats the current winner."""
+        current = self._table("winners").rows_where("key_id = ?", [rec.key.id], select="ms")
+        best = next(iter(current), None)
+        if best is not None and best["ms"] <= rec.ms:
+            return False
+        dense_ms = rec.dense_ms
+        if dense_ms is None:
+            base = next(
+                iter(self._table("baselines").rows_where("key_id = ? AND impl = 'dense'", [rec.key.id])), None
+            )
+            dense_ms = None if base is None else float(base["ms"])
+        self._table("winners").upsert(
+            {
+                **self._key_row(rec.key),
+                "impl": rec.impl,
+                "config": json.dumps(rec.config, sort_keys=True),
+                "ms": rec.ms,
+                "dense_ms": dense_ms,
+                "speedup": None if dense_ms is None else dense_ms / rec.ms,
+                **self._prov_row(rec.provenance),
+                "source": rec.provenance.source,
+            },
+            pk="key_id",
+        )
+        return True
+
+    def set_winner_if_faster(
+        self,
+        key: CacheKey,
+        impl: str,
+        config: Mapping[str, Any],
+        ms: float,
+        dense_ms: float | None = None,
+        *,
+        provenance: Provenance | None = None,
+    ) -> bool:
+        """Make this the winner for ``key`` unless a faster (or equally fast) one is stored; True if stored.
+
+        ``dense_ms`` defaults to the stored dense baseline for the key, if any.
+        """
+        canonical = check_winner(key, impl, dict(config), ms, dense_ms)
+        rec = WinnerRecord(
+            key=key,
+            impl=impl,
+            config=canonical,
+            ms=float(ms),
+            dense_ms=None if dense_ms is None else float(dense_ms),
+            provenance=provenance or Provenance.current(),
+        )
+        with self._write("storing a winner"):
+            return self._set_winner(rec)
+
+    def import_winners(self, records: Iterable[WinnerRecord]) -> int:
+        """Merge records in one transaction, keeping the fastest per key; returns how many won.
+
+        Every record is re-validated first, so nothing is stored unless all are acceptable.
+        """
+        checked = []
+        for i, rec in enumerate(records):
+            try:
+                config = check_winner(rec.key, rec.impl, rec.config, rec.ms, rec.dense_ms)
+            except FieldError as exc:
+                raise FieldError(exc.field, f"record {i}: {exc.reason}") from None
+            checked.append(dataclasses.replace(rec, config=config, ms=float(rec.ms)))
+        with self._write("importing winners"):
+            return sum(self._set_winner(rec) for rec in checked)
+
+    def clear(self) -> None:
+        """Forget every trial, winner and baseline (the schema and meta stay)."""
+        with self._write("clearing"):
+            for name in ("trials", "winners", "baselines"):
+                self._table(name).delete_where()
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def winner(self, key: CacheKey) -> WinnerRecord | None:
+        rows = self._rows("winners", "key_id = ?", [key.id], "key_id")
+        return self._winner(rows[0]) if rows else None
+
+    def _winner(self, row: dict[str, Any]) -> WinnerRecord:
+        source = row["source"] if row.get("source") in SOURCES else "measured"
+        key, prov = self._decode("winners", row, source)
+        return WinnerRecord(
+            key=key,
+            impl=row["impl"],
+            config=self._config("winners", row["config"]),
+            ms=float(row["ms"]),
+            dense_ms=None if row["dense_ms"] is None else float(row["dense_ms"]),
+            provenance=prov,
+        )
+
+    def winners(self, device_name: str | None = None) -> list[WinnerRecord]:
+        """Every winner (optionally of one device), ordered by device, dtype, shape and buckets."""
+        where, args = ("device_name = ?", [device_name]) if device_name is not None else (None, [])
+        order = "device_name, dtype, F, D, batch_bucket, l0_bucket, key_id"
+        return [self._winner(row) for row in self._rows("winners", where, args, order)]
+
+    def trials(self, key: CacheKey | None = None) -> list[TrialRecord]:
+        """Every recorded trial (optionally of one key), oldest first."""
+        where, args = ("key_id = ?", [key.id]) if key is not None else (None, [])
+        out = []
+        for row in self._rows("trials", where, args, "id"):
+            row_key, prov = self._decode("trials", row)
+            out.append(
+                TrialRecord(
+                    id=int(row["id"]),
+                    key=row_key,
+                    impl=row["impl"],
+                    config=self._config("trials", row["config"]),
+                    ms=None if row["ms"] is None else float(row["ms"]),
+                    ok=bool(row["ok"]),
+                    error=row["error"],
+                    study=row["study"],
+                    trial_number=row["trial_number"],
+                    provenance=prov,
+                )
+            )
+        return out
+
+    def baselines(self, key: CacheKey | None = None) -> list[BaselineRecord]:
+        where, args = ("key_id = ?", [key.id]) if key is not None else (None, [])
+        out = []
+        for row in self._rows("baselines", where, args, "key_id, impl"):
+            row_key, prov = self._decode("baselines", row)
+            out.append(
+                BaselineRecord(
+                    key=row_key,
+                    impl=row["impl"],
+                    config=self._config("baselines", row["config"]),
+                    ms=float(row["ms"]),
+                    provenance=prov,
+                )
+            )
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and versions, for ``sae-tune cache info`` style output."""
+        with self._errors("summarizing"):
+            meta = {row["key"]: row["value"] for row in self._table("meta").rows}
+            trials = self._table("trials")
+            devices = [
+                row["device_name"]
+                for row in self.db.query("SELECT DISTINCT device_name FROM winners ORDER BY device_name")
+            ]
+            return {
+                "path": str(self.path),
+                "schema_version": int(meta["schema_version"]),
+                "created": meta.get("created"),
+                "trials": trials.count,
+                "failed_trials": trials.count_where("ok = 0"),
+                "winners": self._table("winners").count,
+                "baselines": self._table("baselines").count,
+                "devices": devices,
+                "size_bytes": self.path.stat().st_size if self.path.exists() else 0,
+            }
