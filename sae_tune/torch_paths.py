@@ -16,6 +16,7 @@ float dtype.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,14 @@ def dense(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = 
     return _finish(inputs, inputs.acts @ W_dec)
 
 
+def _csr(x: torch.Tensor) -> torch.Tensor:
+    """``x.to_sparse_csr()`` without torch's one-time "CSR support is in beta" warning (it is noise
+    to a user who never asked for CSR)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return x.to_sparse_csr()
+
+
 def _sparse_mm(inputs: DecodeInputs, layout: str) -> torch.Tensor:
     x = inputs.acts
     # Checked up front (cached probe): torch skips the kernel for an all-zero input, so without this the
@@ -73,7 +82,7 @@ def _sparse_mm(inputs: DecodeInputs, layout: str) -> torch.Tensor:
             f"torch.sparse.mm has no {layout.upper()} kernel for {x.dtype} on {x.device.type} "
             f"in torch {torch.__version__}"
         )
-    return torch.sparse.mm(x.to_sparse_csr() if layout == "csr" else x.to_sparse(), inputs.W_dec)
+    return torch.sparse.mm(_csr(x) if layout == "csr" else x.to_sparse(), inputs.W_dec)
 
 
 def sparse_csr(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +127,7 @@ def embedding_bag_crow(
     trivial = _trivial(inputs)
     if trivial is not None:
         return trivial
-    csr = inputs.acts.to_sparse_csr()
+    csr = _csr(inputs.acts)
     out = F.embedding_bag(
         csr.col_indices(),
         W_dec,
@@ -199,7 +208,7 @@ def _probe(layout: str, dtype: torch.dtype, device: torch.device) -> bool:
     try:
         x = torch.zeros(2, 4, dtype=dtype, device=device)
         x[0, 1] = 1
-        sparse = x.to_sparse_csr() if layout == "csr" else x.to_sparse()
+        sparse = _csr(x) if layout == "csr" else x.to_sparse()
         torch.sparse.mm(sparse, torch.ones(4, 3, dtype=dtype, device=device))
     except Exception:  # any failure (no kernel, no device) means "not supported here"
         return False

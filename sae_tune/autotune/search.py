@@ -1,0 +1,369 @@
+"""The search: one Optuna study per (device, op, dtype, F, D, batch bucket, L0 bucket).
+
+For each batch size: build the workload, compute the exact reference once, time the library baselines,
+then let Optuna propose candidates. Each proposal is verified against the reference before it is timed;
+a wrong result, a compile error or an out-of-memory is a failed trial, recorded, and the search goes on.
+The best few are re-timed interleaved with dense at the end, and the winner goes to the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+
+from sae_tune.autotune.candidates import TRITON, Candidate, SearchSpace, library_baselines, search_space
+from sae_tune.autotune.timing import Timing, time_fn, time_interleaved
+from sae_tune.autotune.verify import Reference, check
+from sae_tune.autotune.workload import L0Stats, calibrate_l0, max_l0_candidates, synthetic_acts
+from sae_tune.cache.store import CacheKey, Store, WinnerRecord
+from sae_tune.device import describe_device
+from sae_tune.specs import SAESpec
+from sae_tune.templates.render import template_hash
+from sae_tune.variants import Variant
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = {"cpu": (1, 32, 128), "cuda": (1, 32, 256, 1024, 4096)}
+CALIBRATION_TOKENS = 4096
+FINALISTS = 3
+
+
+class CandidateFailed(Exception):
+    """A candidate crashed or returned a wrong result: the trial fails, the search continues."""
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What one batch size's search found."""
+
+    batch_size: int
+    key: CacheKey
+    best: Candidate
+    best_ms: float
+    dense_ms: float
+    baselines: dict[str, float]
+    trials: int
+    failed: int
+    l0: L0Stats
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.best_ms
+
+    def versus(self, impl: str) -> float | None:
+        ms = self.baselines.get(impl)
+        return None if ms is None else ms / self.best_ms
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "batch_bucket": self.key.batch_bucket,
+            "best_impl": self.best.impl,
+            "best_config": self.best.config,
+            "best_label": self.best.label,
+            "best_ms": self.best_ms,
+            "dense_ms": self.dense_ms,
+            "speedup": self.speedup,
+            "baselines_ms": self.baselines,
+            "trials": self.trials,
+            "failed_trials": self.failed,
+            "l0": {"mean": self.l0.mean, "p99": self.l0.p99, "max": self.l0.max},
+        }
+
+
+@dataclass
+class Workload:
+    """Tensors of one tuning job; W_dec and b_dec are random (timings do not depend on their values)."""
+
+    acts: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    reference: Reference = field(init=False)
+
+    def __post_init__(self) -> None:
+        # the exact product only needs the rows of features fired somewhere in the batch
+        fired = (self.acts != 0).any(0).nonzero().flatten()
+        self.reference = Reference.of(self.acts[:, fired], self.W_dec[fired], self.b_dec)
+
+    def run(self, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(self.acts, self.W_dec, self.b_dec)
+
+
+def make_weights(
+    spec: SAESpec, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    W = torch.randn(spec.width, spec.d_model, generator=gen, dtype=torch.float32)
+    W /= math.sqrt(spec.d_model)
+    b = torch.randn(spec.d_model, generator=gen, dtype=torch.float32) / 10
+    return W.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def optuna_storage(url: str | None) -> optuna.storages.BaseStorage | None:
+    """``None`` (in memory), ``journal:PATH`` / a ``.log``/``.journal`` path, or a database URL."""
+    if url is None:
+        return None
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    if "://" in url:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        )
+    raise ValueError(f"--storage {url!r}: use journal:PATH or a database URL such as sqlite:///study.db")
+
+
+def study_name(key: CacheKey) -> str:
+    return (
+        f"sae-tune:{key.op}:{key.device_name}:{key.capability or 'cpu'}:{key.dtype}:"
+        f"F{key.F}:D{key.D}:B{key.batch_bucket}:L0{key.l0_bucket}:{key.template_hash[:12]}"
+    )
+
+
+class Tuner:
+    """Tunes one SAE on one device and dtype; one ``tune_batch`` per batch size."""
+
+    def __init__(
+        self,
+        spec: SAESpec,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        store: Store,
+        acts: torch.Tensor | None = None,
+        seed: int = 0,
+        storage: str | None = None,
+        progress: Callable[[int, str], Any] | None = None,
+    ) -> None:
+        self.spec, self.device, self.dtype, self.store = spec, torch.device(device), dtype, store
+        self.info = describe_device(self.device)
+        self.seed = seed
+        self.real_acts = acts
+        self.storage = optuna_storage(storage)
+        self.progress = progress
+        self.W_dec, self.b_dec = make_weights(spec, dtype, self.device, seed)
+        calibration = acts if acts is not None else self._synthetic(CALIBRATION_TOKENS, seed + 7)
+        self.l0 = calibrate_l0(calibration)
+        self.max_l0s = max_l0_candidates(self.l0, limit=spec.width)
+
+    def _synthetic(self, n: int, seed: int) -> torch.Tensor:
+        return synthetic_acts(self.spec, n, dtype=self.dtype, device=self.device, seed=seed)
+
+    def workload(self, batch_size: int) -> Workload:
+        if self.real_acts is None:
+            acts = self._synthetic(batch_size, self.seed)
+        else:
+            reps = -(-batch_size // self.real_acts.shape[0])
+            acts = self.real_acts.repeat(reps, 1)[:batch_size]
+            acts = acts.to(device=self.device, dtype=self.dtype)
+        return Workload(acts, self.W_dec, self.b_dec)
+
+    def key(self, batch_size: int, mean_l0: float) -> CacheKey:
+        return CacheKey.for_device(
+            self.info,
+            template_hash=template_hash(),
+            dtype=self.dtype,
+            F=self.spec.width,
+            D=self.spec.d_model,
+            batch_size=batch_size,
+            mean_l0=max(1.0, mean_l0),
+        )
+
+    # --- one candidate ------------------------------------------------------------------------------
+    def measure(self, cand: Candidate, work: Workload) -> Timing:
+        """Verify, then time; raises CandidateFailed with the reason."""
+        try:
+            fn = cand.build()
+            out = work.run(fn)
+        except Exception as exc:  # compile errors, out of memory, unsupported dtype: a failed candidate
+            raise CandidateFailed(f"{type(exc).__name__}: {exc}"[:2000]) from exc
+        expected = torch.promote_types(work.W_dec.dtype, work.b_dec.dtype)
+        verdict = check(out, work.reference, expected)
+        if not verdict.ok:
+            raise CandidateFailed(f"wrong result: {verdict.reason}")
+        return time_fn(lambda: work.run(fn), self.device)
+
+    # --- one batch size -----------------------------------------------------------------------------
+    def tune_batch(
+        self, batch_size: int, *, trials: int = 20, time_budget: float | None = None
+    ) -> TuneResult:
+        work = self.workload(batch_size)
+        stats = calibrate_l0(work.acts)
+        key = self.key(batch_size, self.l0.mean)  # the calibration sample's L0, not this batch's
+        space = search_space(self.spec, key.batch_bucket, self.dtype, self.device, self.max_l0s)
+        name = study_name(key)
+        measured: dict[Candidate, float] = {}
+        failed = 0
+
+        def record(cand: Candidate, ms: float | None, error: str | None, number: int | None) -> None:
+            self.store.record_trial(
+                key,
+                cand.impl,
+                cand.config,
+                ms,
+                ok=error is None,
+                error=error,
+                study=name,
+                trial_number=number,
+            )
+
+        baselines: dict[str, float] = {}
+        for cand in library_baselines(self.dtype, self.device):
+            try:
+                timing = self.measure(cand, work)
+            except CandidateFailed as exc:
+                record(cand, None, str(exc), None)
+                failed += 1
+                continue
+            baselines[cand.impl] = measured[cand] = timing.ms
+            record(cand, timing.ms, None, None)
+            self.store.record_baseline(key, cand.impl, timing.ms)
+        if "dense" not in baselines:
+            raise RuntimeError("the dense product failed on this workload; nothing can be tuned against it")
+
+        study = optuna.create_study(
+            study_name=name,
+            storage=self.storage,
+            load_if_exists=True,
+            direction="minimize",
+            sampler=optuna.samplers.TPESampler(seed=self.seed, multivariate=True, group=True),
+        )
+        for params in self._warm_starts(space, key):
+            study.enqueue_trial(params, skip_if_exists=True)
+
+        def objective(trial: optuna.Trial) -> float:
+            nonlocal failed
+            cand = suggest(trial, space)
+            if cand in measured:
+                trial.set_user_attr("repeat", True)
+                return measured[cand]
+            trial.set_user_attr("candidate", cand.label)
+            try:
+                ms = self.measure(cand, work).ms
+            except CandidateFailed as exc:
+                failed += 1
+                record(cand, None, str(exc), trial.number)
+                raise
+            record(cand, ms, None, trial.number)
+            measured[cand] = ms
+            return ms
+
+        def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if self.progress is not None:
+                best = min(measured.values()) if measured else float("nan")
+                self.progress(1, f"best {best:.3f} ms")
+
+        study.optimize(
+            objective,
+            n_trials=trials,
+            timeout=time_budget,
+            catch=(CandidateFailed,),
+            callbacks=[on_trial],
+            gc_after_trial=False,
+        )
+        best, final = self._final(measured, work, baselines)
+        final_baselines = {impl: final[Candidate.of(impl, {})] for impl in baselines}
+        dense_ms = final_baselines["dense"]
+        self.store.set_winner_if_faster(key, best.impl, best.config, final[best], dense_ms)
+        return TuneResult(
+            batch_size, key, best, final[best], dense_ms, final_baselines, len(measured), failed, stats
+        )
+
+    def _final(
+        self, measured: dict[Candidate, float], work: Workload, baselines: Iterable[str]
+    ) -> tuple[Candidate, dict[Candidate, float]]:
+        """Re-time the finalists and the baselines interleaved, so that every ratio comes from one run."""
+        finalists = sorted(measured, key=measured.__getitem__)[:FINALISTS]
+        for impl in baselines:
+            if Candidate.of(impl, {}) not in finalists:
+                finalists.append(Candidate.of(impl, {}))
+        fns = {c: c.build() for c in finalists}
+        runs = {c.label: (lambda fn=fns[c]: work.run(fn)) for c in finalists}
+        timings = time_interleaved(runs, self.device)
+        by_cand = {c: timings[c.label].ms for c in finalists}
+        best = min(by_cand, key=by_cand.__getitem__)
+        return best, by_cand
+
+    def _warm_starts(self, space: SearchSpace, key: CacheKey) -> Iterable[dict[str, Any]]:
+        """The default variant, and the winners of neighbouring shapes and batch sizes on this device."""
+        starts: list[Candidate] = []
+        if space.variants:
+            default = Variant(alloc="fixed", overflow="fallback", max_l0=max(self.max_l0s))
+            starts.append(Candidate.of(TRITON, default.to_dict()))
+            starts.append(Candidate.of(TRITON, Variant().to_dict()))
+        neighbours: list[WinnerRecord] = [
+            w
+            for w in self.store.winners(self.info.name)
+            if w.key.dtype == key.dtype and w.key.capability == key.capability and w.key != key
+        ]
+        neighbours.sort(
+            key=lambda w: (
+                abs(math.log2(w.key.F / key.F)) + abs(math.log2(w.key.D / key.D)),
+                abs(math.log2(w.key.batch_bucket / key.batch_bucket)),
+            )
+        )
+        starts += [Candidate.of(w.impl, w.config) for w in neighbours[:4]]
+        for cand in starts:
+            if space.contains(cand):
+                yield params_of(cand, space)
+
+
+# --- Optuna parameters <-> candidates -------------------------------------------------------------------
+_VARIANT_FIELDS = ("alloc", "overflow", "max_l0", "block_f", "block_d", "block_l", "num_warps")
+
+
+def _choices(space: SearchSpace, name: str, alloc: str | None = None) -> list[Any]:
+    values = {getattr(v, name) for v in space.variants if alloc is None or v.alloc == alloc}
+    return sorted(values)
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> Candidate:
+    """Define-by-run parameters: the implementation, then its own parameters."""
+    impl = trial.suggest_categorical("impl", list(space.impls))
+    if impl != TRITON:
+        chunk = trial.suggest_categorical(f"{impl}.chunk", list(space.chunks)) if len(space.chunks) > 1 else 0
+        return Candidate.of(impl, space.torch_config(impl, chunk))
+    fields: dict[str, Any] = {"alloc": trial.suggest_categorical("alloc", _choices(space, "alloc"))}
+    if fields["alloc"] == "fixed":
+        fields["overflow"] = trial.suggest_categorical("overflow", _choices(space, "overflow", "fixed"))
+        fields["max_l0"] = trial.suggest_categorical("max_l0", _choices(space, "max_l0", "fixed"))
+    for name in _VARIANT_FIELDS[3:]:
+        fields[name] = trial.suggest_categorical(name, _choices(space, name))
+    cand = Candidate.of(TRITON, Variant(**fields).to_dict())
+    if not space.contains(cand):
+        raise optuna.TrialPruned("outside the default space (register budget or overflow gate)")
+    return cand
+
+
+def params_of(cand: Candidate, space: SearchSpace) -> dict[str, Any]:
+    """The Optuna parameters that make ``suggest`` return ``cand`` (for warm starts)."""
+    if cand.impl != TRITON:
+        params: dict[str, Any] = {"impl": cand.impl}
+        if len(space.chunks) > 1:
+            params[f"{cand.impl}.chunk"] = cand.config.get("chunk") or 0
+        return params
+    variant = Variant.from_dict(cand.config)
+    names = _VARIANT_FIELDS if variant.alloc == "fixed" else ("alloc", *_VARIANT_FIELDS[3:])
+    return {"impl": TRITON, **{n: getattr(variant, n) for n in names}}
+
+
+def default_batch_sizes(device: torch.device) -> tuple[int, ...]:
+    return DEFAULT_BATCH_SIZES.get(device.type, DEFAULT_BATCH_SIZES["cpu"])
+
+
+def quiet_optuna() -> None:
+    """Optuna logs every trial at INFO; the progress bar and the final table say what matters."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if os.environ.get("SAE_TUNE_DEBUG"):
+        optuna.logging.set_verbosity(optuna.logging.DEBUG)
