@@ -98,7 +98,8 @@ class SearchSpace:
         if cand.impl not in self.torch_impls:
             return False
         config = cand.config
-        return config == self.torch_config(cand.impl, config.get("chunk") or 0)
+        chunk = config.get("chunk") or 0
+        return chunk in self.chunks and config == self.torch_config(cand.impl, chunk)
 
     def size(self) -> int:
         return len(self.torch_impls) * len(self.chunks) + len(self.variants)

@@ -53,6 +53,7 @@ class TuneResult:
     trials: int
     failed: int
     l0: L0Stats
+    study: str
 
     @property
     def speedup(self) -> float:
@@ -76,6 +77,7 @@ class TuneResult:
             "trials": self.trials,
             "failed_trials": self.failed,
             "l0": {"mean": self.l0.mean, "p99": self.l0.p99, "max": self.l0.max},
+            "study": self.study,
         }
 
 
@@ -231,12 +233,11 @@ class Tuner:
         if "dense" not in baselines:
             raise RuntimeError("the dense product failed on this workload; nothing can be tuned against it")
 
+        with warnings.catch_warnings():  # multivariate TPE with groups suits a conditional space
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=self.seed, multivariate=True, group=True)
         study = optuna.create_study(
-            study_name=name,
-            storage=self.storage,
-            load_if_exists=True,
-            direction="minimize",
-            sampler=optuna.samplers.TPESampler(seed=self.seed, multivariate=True, group=True),
+            study_name=name, storage=self.storage, load_if_exists=True, direction="minimize", sampler=sampler
         )
         for params in self._warm_starts(space, key):
             study.enqueue_trial(params, skip_if_exists=True)
@@ -276,7 +277,7 @@ class Tuner:
         dense_ms = final_baselines["dense"]
         self.store.set_winner_if_faster(key, best.impl, best.config, final[best], dense_ms)
         return TuneResult(
-            batch_size, key, best, final[best], dense_ms, final_baselines, len(measured), failed, stats
+            batch_size, key, best, final[best], dense_ms, final_baselines, len(measured), failed, stats, name
         )
 
     def _final(
@@ -364,6 +365,5 @@ def default_batch_sizes(device: torch.device) -> tuple[int, ...]:
 def quiet_optuna() -> None:
     """Optuna logs every trial at INFO; the progress bar and the final table say what matters."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if os.environ.get("SAE_TUNE_DEBUG"):
         optuna.logging.set_verbosity(optuna.logging.DEBUG)
