@@ -131,7 +131,7 @@ def test_two_processes_tune_one_study_together(tmp_path):
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-2000:]
     names = {json.loads(out)["results"][0]["study"] for out, _ in outputs}
     assert len(names) == 1
