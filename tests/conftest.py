@@ -55,6 +55,28 @@ def random_weights(F: int, D: int, dtype: torch.dtype, seed: int = 1) -> tuple[t
     return W.to(dtype), b.to(dtype)
 
 
+CPU_KEY_FIELDS = dict(
+    device_name="Intel(R) Xeon(R) Processor",
+    capability=None,
+    torch_version="2.13.0+cpu",
+    triton_version="3.9.0",
+    template_hash="0123abcd",
+    op="decode",
+    dtype="float32",
+    F=16384,
+    D=2304,
+    batch_bucket=32,
+    l0_bucket=128,
+)
+
+
+def make_key(**over):
+    """A valid cache key (CPU unless overridden)."""
+    from sae_tune.cache.store import CacheKey
+
+    return CacheKey(**{**CPU_KEY_FIELDS, **over})
+
+
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param

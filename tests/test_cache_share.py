@@ -7,6 +7,7 @@ import json
 import warnings
 
 import pytest
+from conftest import CPU_KEY_FIELDS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,19 +28,7 @@ from sae_tune.cache.share import (
 from sae_tune.cache.store import CacheKey, Provenance, Store
 from sae_tune.torch_paths import TORCH_PATHS
 
-CPU = dict(
-    device_name="Intel(R) Xeon(R) Processor",
-    capability=None,
-    torch_version="2.13.0+cpu",
-    triton_version=None,
-    template_hash="0123abcd",
-    op="decode",
-    dtype="float32",
-    F=16384,
-    D=2304,
-    batch_bucket=32,
-    l0_bucket=128,
-)
+CPU = {**CPU_KEY_FIELDS, "triton_version": None}
 GPU = {**CPU, "device_name": "NVIDIA GeForce RTX 4090", "capability": "8.9", "triton_version": "3.2.0"}
 PROV = {"date": "2025-06-01T12:00:00+00:00", "sae_tune_version": "0.1.0", "host_kind": "linux-x86_64"}
 TRITON_CONFIG = {"alloc": "fixed", "overflow": "fallback", "max_l0": 128, "block_d": 128, "block_l": 16}

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import make_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,25 +25,6 @@ from sae_tune.cache.store import (
     l0_bucket,
     resolve_cache_path,
 )
-
-
-def make_key(**over) -> CacheKey:
-    fields = dict(
-        device_name="Intel(R) Xeon(R) Processor",
-        capability=None,
-        torch_version="2.13.0+cpu",
-        triton_version="3.9.0",
-        template_hash="0123abcd",
-        op="decode",
-        dtype="float32",
-        F=16384,
-        D=2304,
-        batch_bucket=32,
-        l0_bucket=128,
-    )
-    fields.update(over)
-    return CacheKey(**fields)
-
 
 GPU_KEY = make_key(device_name="NVIDIA GeForce RTX 4090", capability="8.9")
 

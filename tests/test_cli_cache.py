@@ -1,25 +1,14 @@
 import json
 
 from click.testing import CliRunner
+from conftest import make_key
 
 from sae_tune.cache.store import CacheKey, Store
 from sae_tune.cli.main import main
 
 
 def key(batch_bucket: int = 32) -> CacheKey:
-    return CacheKey(
-        device_name="Test GPU",
-        capability="9.0",
-        torch_version="2.13.0",
-        triton_version="3.9.0",
-        template_hash="a" * 64,
-        op="decode",
-        dtype="float32",
-        F=65536,
-        D=2304,
-        batch_bucket=batch_bucket,
-        l0_bucket=128,
-    )
+    return make_key(device_name="Test GPU", capability="9.0", F=65536, batch_bucket=batch_bucket)
 
 
 def populated(path):
