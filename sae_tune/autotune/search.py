@@ -205,6 +205,7 @@ class Tuner:
         space = search_space(self.spec, key.batch_bucket, self.dtype, self.device, self.max_l0s)
         name = study_name(key)
         measured: dict[Candidate, float] = {}
+        failures: dict[Candidate, str] = {}
         failed = 0
 
         def record(cand: Candidate, ms: float | None, error: str | None, number: int | None) -> None:
@@ -225,6 +226,7 @@ class Tuner:
                 timing = self.measure(cand, work)
             except CandidateFailed as exc:
                 record(cand, None, str(exc), None)
+                failures[cand] = str(exc)
                 failed += 1
                 continue
             baselines[cand.impl] = measured[cand] = timing.ms
@@ -248,11 +250,14 @@ class Tuner:
             if cand in measured:
                 trial.set_user_attr("repeat", True)
                 return measured[cand]
+            if cand in failures:
+                raise CandidateFailed(f"failed before: {failures[cand]}")
             trial.set_user_attr("candidate", cand.label)
             try:
                 ms = self.measure(cand, work).ms
             except CandidateFailed as exc:
                 failed += 1
+                failures[cand] = str(exc)
                 record(cand, None, str(exc), trial.number)
                 raise
             record(cand, ms, None, trial.number)
