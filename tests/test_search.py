@@ -67,6 +67,14 @@ def test_wrong_and_crashing_candidates_are_failed_trials_and_never_win(store, mo
     assert result.failed >= 2
 
 
+def test_search_stops_when_every_candidate_was_tried(store):
+    tuner = Tuner(SPEC, store=store)
+    result = tuner.tune_batch(64, trials=500)
+    space = search_space(SPEC, 64, torch.float32, torch.device("cpu"), tuner.max_l0s)
+    assert result.trials + result.failed == space.size() == 10
+    assert len({t.study for t in store.trials(result.key)}) == 1
+
+
 def test_real_activations_are_used_as_the_workload(store):
     acts = torch.zeros(5, SPEC.width)
     acts[:, :3] = 2.0
@@ -116,7 +124,7 @@ def test_two_processes_tune_one_study_together(tmp_path):
         "--l0",
         "8",
         "--batch-size",
-        "8",
+        "64",
         "--trials",
         "4",
         "--storage",

@@ -268,6 +268,8 @@ class Tuner:
             if self.progress is not None:
                 best = min(measured.values()) if measured else float("nan")
                 self.progress(1, f"best {best:.3f} ms")
+            if len(measured) + len(failures) >= space.size():
+                study.stop()  # every candidate has been tried: more trials would only repeat them
 
         study.optimize(
             objective,
