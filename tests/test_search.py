@@ -6,11 +6,11 @@ import sys
 import optuna
 import pytest
 import torch
-from conftest import assert_matches_dense
 
 from sae_tune.autotune import candidates as candidates_mod
 from sae_tune.autotune.candidates import TRITON, Candidate, search_space
 from sae_tune.autotune.search import Tuner, optuna_storage, params_of, quiet_optuna, suggest
+from sae_tune.autotune.verify import Reference, check
 from sae_tune.cache.store import Store
 from sae_tune.specs import spec_from_shape
 
@@ -37,10 +37,10 @@ def test_tune_batch_stores_every_measurement_and_a_verified_winner(store, dtype,
     trials = store.trials(result.key)
     assert len(trials) >= result.trials and all(t.ms > 0 for t in trials if t.ok)
     assert {b.impl for b in store.baselines(result.key)} >= {"dense", "embedding_bag_csr"}
-    # the winner decodes a fresh batch correctly
+    # the winner decodes a fresh batch within the tuner's tolerance (library paths may sum in bf16)
     work = tuner.workload(batch)
     out = work.run(result.best.build())
-    assert_matches_dense(out, work.acts, work.W_dec, work.b_dec)
+    assert check(out, Reference.of(work.acts, work.W_dec, work.b_dec), dtype).ok
 
 
 def test_wrong_and_crashing_candidates_are_failed_trials_and_never_win(store, monkeypatch):
