@@ -67,11 +67,10 @@ def test_truncating_variant_needs_explicit_opt_in():
     assert_matches_dense(out[:1], acts[:1], W)
 
 
-def test_variant_is_required_and_typed():
+def test_variant_is_typed_and_optional():
     acts = random_acts(2, 256, 3, torch.float32)
     W, _ = random_weights(256, 32, torch.float32)
-    with pytest.raises(TypeError):
-        sparse_decode(acts, W)  # type: ignore[call-arg]
+    assert_matches_dense(sparse_decode(acts, W), acts, W)  # no variant: the dispatcher chooses
     with pytest.raises(TypeError, match="Variant"):
         sparse_decode(acts, W, variant={"alloc": "exact"})  # type: ignore[arg-type]
 

@@ -1,0 +1,220 @@
+"""The tuned configs one process dispatches from, held in memory.
+
+The local cache is read once, read-only: a missing file stays missing (nothing is created next to it), a
+file that is not a readable sae-tune cache gives one warning and an empty index, and each row is validated
+again (key fields, implementation name, config through ``Variant.from_dict``) so that a row written by
+another version or edited by hand is skipped with a warning instead of steering a decode. The hot path
+only looks up dictionaries built here; SQLite is never queried after ``load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sqlite3
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+from sae_tune.cache.store import (
+    KEY_FIELDS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    CacheKey,
+    FieldError,
+    Provenance,
+    WinnerRecord,
+    check_winner,
+    validate_config,
+)
+from sae_tune.dispatch.decision import DispatchWarning, Option
+from sae_tune.dispatch.identity import Identity
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class CacheUnreadable(Exception):
+    """The cache file cannot be read as an sae-tune cache; the message says why."""
+
+
+# --- reading the local cache ---------------------------------------------------------------------------
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection that writes nothing: ``immutable=1`` unless a writer's WAL is present."""
+    with path.open("rb") as fh:
+        header = fh.read(100)
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise CacheUnreadable("no SQLite header")
+    live_wal = Path(f"{path}-wal").exists()
+    params = "mode=ro" if live_wal else "mode=ro&immutable=1"
+    return sqlite3.connect(f"{path.resolve().as_uri()}?{params}", uri=True, timeout=5.0)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    conn = _connect_read_only(path)
+    try:
+        conn.row_factory = sqlite3.Row
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return []  # an empty database: what a fresh Store starts from
+        if "meta" not in tables or "winners" not in tables:
+            raise CacheUnreadable(f"not an sae-tune cache (tables: {', '.join(sorted(tables)[:6])})")
+        meta = {r[0]: r[1] for r in conn.execute("SELECT key, value FROM meta")}
+        if meta.get("schema") != SCHEMA_NAME:
+            raise CacheUnreadable("not an sae-tune cache (no sae-tune schema in meta)")
+        version = meta.get("schema_version", "")
+        if not str(version).isdigit() or int(version) > SCHEMA_VERSION:
+            raise CacheUnreadable(f"schema version {version!r}; this sae-tune reads {SCHEMA_VERSION}")
+        return [dict(r) for r in conn.execute("SELECT * FROM winners ORDER BY key_id")]
+    finally:
+        conn.close()
+
+
+def _record(row: dict[str, Any]) -> WinnerRecord:
+    try:
+        key = CacheKey(**{name: row[name] for name in KEY_FIELDS})
+        config = json.loads(row["config"])
+        canonical = check_winner(key, row["impl"], config, row["ms"], row["dense_ms"])
+        source = row.get("source") if row.get("source") in ("measured", "imported", "shipped") else "measured"
+        prov = Provenance(row["recorded_at"], row["sae_tune_version"], row["host_kind"], source)
+    except FieldError as exc:
+        raise ValueError(str(exc)) from None
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed row ({type(exc).__name__}: {exc})") from None
+    return WinnerRecord(key, row["impl"], canonical, float(row["ms"]), row["dense_ms"], prov)
+
+
+def read_local(path: Path) -> list[WinnerRecord]:
+    """Valid winners of the cache at ``path``; [] if it does not exist. Warns (never raises) otherwise."""
+    try:
+        if not path.exists():
+            return []
+        if path.is_dir():
+            raise CacheUnreadable("is a directory")
+        if path.stat().st_size == 0:
+            return []
+        rows = _rows(path)
+    except (CacheUnreadable, OSError, sqlite3.Error) as exc:
+        warnings.warn(
+            f"sae-tune cache {path} is not readable ({exc}); decoding without it (the file is left as is)",
+            DispatchWarning,
+            stacklevel=2,
+        )
+        return []
+    records = []
+    for row in rows:
+        try:
+            records.append(_record(row))
+        except ValueError as exc:
+            what = f"{row.get('impl')!r} for F={row.get('F')} D={row.get('D')} {row.get('dtype')}"
+            warnings.warn(
+                f"skipping sae-tune cache entry {what} in {path}: {exc}", DispatchWarning, stacklevel=2
+            )
+    return records
+
+
+def check_injected(records: Iterable[WinnerRecord]) -> list[WinnerRecord]:
+    """Records handed over in Python (not from a file): their configs must still name runnable code."""
+    out = []
+    for rec in records:
+        if not isinstance(rec, WinnerRecord):
+            raise TypeError(f"expected WinnerRecord, got {type(rec).__name__}")
+        out.append(dataclasses.replace(rec, config=validate_config(rec.impl, dict(rec.config))))
+    return out
+
+
+# --- lookups ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Entries that rank equally for a call (same batch bucket distance and staleness); several entries
+    in one tier differ only by L0 bucket."""
+
+    options: tuple[Option, ...]
+
+
+def _shape_key(key: CacheKey) -> tuple[Any, ...]:
+    return key.device_name, key.capability, key.dtype, key.F, key.D
+
+
+class CacheIndex:
+    """Local and shipped winners grouped by (device, dtype, F, D)."""
+
+    def __init__(self, local: Iterable[WinnerRecord] = (), shipped: Iterable[WinnerRecord] = ()) -> None:
+        self._local: dict[tuple[Any, ...], list[WinnerRecord]] = defaultdict(list)
+        self._shipped: dict[tuple[Any, ...], list[WinnerRecord]] = defaultdict(list)
+        for rec in local:
+            self._local[_shape_key(rec.key)].append(rec)
+        for rec in shipped:
+            self._shipped[_shape_key(rec.key)].append(rec)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._local.values())) + sum(map(len, self._shipped.values()))
+
+    def tiers(self, ident: Identity, dtype: str, F: int, D: int, batch_bucket: int) -> list[Tier]:
+        """Candidates for one call, best first: local (exact, then nearest), then shipped."""
+        shape = (ident.device_name, ident.capability, dtype, F, D)
+        return [
+            *_ranked(self._local.get(shape, ()), ident, batch_bucket, shipped=False),
+            *_ranked(self._shipped.get(shape, ()), ident, batch_bucket, shipped=True),
+        ]
+
+
+def _stale(rec: WinnerRecord, ident: Identity) -> list[str]:
+    """Software differences between where ``rec`` was measured and here."""
+    out = []
+    if rec.key.torch_version != ident.torch_version:
+        out.append(f"torch {rec.key.torch_version}")
+    if rec.impl == "triton":
+        from sae_tune.templates.render import template_hash
+
+        if rec.key.triton_version != ident.triton_version:
+            out.append(f"triton {rec.key.triton_version}")
+        if rec.key.template_hash != template_hash():
+            out.append("older kernel templates")
+    return out
+
+
+def _ranked(records: Sequence[WinnerRecord], ident: Identity, bucket: int, *, shipped: bool) -> list[Tier]:
+    def rank(rec: WinnerRecord) -> tuple[float, bool, int]:
+        return abs(math.log2(rec.key.batch_bucket / bucket)), bool(_stale(rec, ident)), rec.key.batch_bucket
+
+    tiers = []
+    for (distance, stale, _), group in groupby(sorted(records, key=lambda r: (rank(r), r.ms)), key=rank):
+        options = []
+        for rec in group:
+            source = "shipped" if shipped else ("cache" if distance == 0 and not stale else "nearest")
+            options.append(
+                Option.of(
+                    rec.impl,
+                    rec.config,
+                    source,
+                    _reason(rec, bucket, _stale(rec, ident), source),
+                    l0_bucket=rec.key.l0_bucket,
+                )
+            )
+        tiers.append(Tier(tuple(options)))
+    return tiers
+
+
+def _reason(rec: WinnerRecord, bucket: int, stale: list[str], source: str) -> str:
+    key = rec.key
+    where = "shipped for" if source == "shipped" else "tuned on"
+    text = (
+        f"{where} {key.device_name}, {key.dtype} F={key.F} D={key.D} batch bucket {key.batch_bucket}"
+        f" (L0 bucket {key.l0_bucket}): {rec.ms:.3g} ms"
+    )
+    if rec.dense_ms is not None:
+        text += f" vs dense {rec.dense_ms:.3g} ms"
+    if key.batch_bucket != bucket:
+        text += f"; nearest to this batch bucket {bucket}"
+    if stale:
+        text += f"; measured with {', '.join(stale)}"
+    return text

@@ -1,0 +1,103 @@
+"""Automatic dispatch for libraries that decode SAEs (SAELens).
+
+``import sae_tune`` calls ``autopatch()``: SAELens SAEs decode through the dispatcher whether ``sae_lens``
+was imported before or after ``sae_tune`` (a post-import hook waits for it; nothing imports it early).
+``SAE_TUNE_AUTOPATCH=0`` turns that off; ``patch()``, ``unpatch()`` and ``patched()`` do it by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+from sae_tune.integrations import saelens
+from sae_tune.integrations.post_import import PostImportFinder, install, uninstall
+
+ENV_AUTOPATCH = "SAE_TUNE_AUTOPATCH"
+_OFF = ("0", "false", "no", "off")
+
+_finder = PostImportFinder({name: saelens.patch_module for name in saelens.MODULES})
+_lock = threading.RLock()
+_wanted = False
+
+
+def patch() -> tuple[str, ...]:
+    """Route SAELens decoders through sae-tune: now for what is imported, at import for the rest.
+
+    Returns the names wrapped now (empty when sae_lens is not imported yet; it is patched on import).
+    """
+    global _wanted
+    with _lock:
+        _wanted = True
+        install(_finder)
+        done: list[str] = []
+        for name in saelens.MODULES:
+            module = sys.modules.get(name)
+            if module is not None:
+                done += saelens.patch_module(module)
+        return tuple(done)
+
+
+def unpatch() -> tuple[str, ...]:
+    """Restore SAELens's own decoders and stop patching modules imported later."""
+    global _wanted
+    with _lock:
+        _wanted = False
+        uninstall(_finder)
+        done: list[str] = []
+        for name in saelens.MODULES:
+            module = sys.modules.get(name)
+            if module is not None:
+                done += saelens.unpatch_module(module)
+        return tuple(done)
+
+
+def is_active() -> bool:
+    """Whether SAELens decoders are (or will be, on import) routed through sae-tune."""
+    return _wanted
+
+
+@contextlib.contextmanager
+def patched() -> Iterator[None]:
+    """``with sae_tune.patched():`` routes SAELens decoders inside the block, then restores the state."""
+    with _lock:
+        was = _wanted
+        patch()
+    try:
+        yield
+    finally:
+        if not was:
+            unpatch()
+
+
+@contextlib.contextmanager
+def unpatched() -> Iterator[None]:
+    """``with sae_tune.unpatched():`` SAELens's own decoders inside the block (e.g. for a comparison)."""
+    with _lock:
+        was = _wanted
+        unpatch()
+    try:
+        yield
+    finally:
+        if was:
+            patch()
+
+
+def autopatch() -> bool:
+    """``patch()`` unless ``SAE_TUNE_AUTOPATCH`` is 0/false/no/off; never raises (import must work)."""
+    if os.environ.get(ENV_AUTOPATCH, "1").strip().lower() in _OFF:
+        return False
+    try:
+        patch()
+    except Exception as exc:  # a changed SAELens must not break `import sae_tune`
+        import warnings
+
+        warnings.warn(f"sae-tune could not patch SAELens ({exc}); decoding as before", stacklevel=2)
+        return False
+    return True
+
+
+__all__ = ["autopatch", "is_active", "patch", "patched", "unpatch", "unpatched"]
