@@ -226,6 +226,11 @@ def dispatcher_path(problem: Problem) -> BenchPath:
     if reason is not None:
         return BenchPath(DISPATCHER, None, unavailable=reason)
     import sae_tune
+    from sae_tune.dispatch import reload
+
+    # Each bench problem stands for another SAE; the dispatcher keeps one decision per (device, dtype,
+    # F, D, batch bucket), so an L0 sweep at one shape would otherwise reuse the first point's choice.
+    reload()
 
     def full(a: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return sae_tune.sparse_decode(a, W, b)
