@@ -82,6 +82,19 @@ def make_key(**over):
     return CacheKey(**{**CPU_KEY_FIELDS, **over})
 
 
+@pytest.fixture
+def isolated_dispatch(tmp_path, monkeypatch):
+    """Dispatch from this test's own (absent) cache file and an empty shipped folder."""
+    from sae_tune.dispatch import reload
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setenv("SAE_TUNE_CACHE", str(tmp_path / "cache.sqlite"))
+    monkeypatch.setenv("SAE_TUNE_SHIPPED_DIR", str(shipped))
+    reload()
+    return shipped
+
+
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param

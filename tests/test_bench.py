@@ -298,8 +298,7 @@ def test_command_quick_writes_into_out(monkeypatch, tmp_path):
     assert "| dense |" in result.output and "tiny run" in result.output
 
 
-def test_command_refuses_cuda_without_a_gpu(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+def test_command_refuses_cuda_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = CliRunner().invoke(bench_command, ["--device", "cuda", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "no CUDA device" in result.output

@@ -21,13 +21,8 @@ F, D = 512, 48
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
+def isolated(tmp_path, isolated_dispatch):
     """Every test dispatches from its own (absent) cache file and an empty shipped folder."""
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    monkeypatch.setenv("SAE_TUNE_CACHE", str(tmp_path / "cache.sqlite"))
-    monkeypatch.setenv("SAE_TUNE_SHIPPED_DIR", str(shipped))
-    reload()
     yield tmp_path
     reload()
 

@@ -85,13 +85,8 @@ def assert_close(got, want, acts, W, dtype):
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    monkeypatch.setenv("SAE_TUNE_CACHE", str(tmp_path / "cache.sqlite"))
-    monkeypatch.setenv("SAE_TUNE_SHIPPED_DIR", str(shipped))
+def isolated(tmp_path, isolated_dispatch):
     sae_tune.patch()  # as `import sae_tune` does (the fresh interpreters below check that it does)
-    reload()
     yield tmp_path
     sae_tune.patch()
     reload()
