@@ -29,9 +29,9 @@ import torch
 
 import sae_tune
 from sae_tune.autotune.candidates import Candidate
-from sae_tune.autotune.search import Tuner, make_weights, quiet_optuna
+from sae_tune.autotune.search import Tuner, quiet_optuna
 from sae_tune.autotune.timing import time_interleaved
-from sae_tune.autotune.workload import synthetic_acts
+from sae_tune.autotune.workload import random_weights, synthetic_acts
 from sae_tune.cache.store import Store
 from sae_tune.device import describe_device
 from sae_tune.dispatch import Dispatcher, reload, set_dispatcher
@@ -163,7 +163,7 @@ def main() -> None:
         tune(spec, cache, batch, args.trials)
     reload(cache)
 
-    W, b = make_weights(spec, torch.float32, torch.device("cpu"), seed=11)
+    W, b = random_weights(spec.width, spec.d_model, dtype=torch.float32, device="cpu", seed=11)
     acts = synthetic_acts(spec, batch, seed=12)
     decision = sae_tune.explain(acts, W, b)
     chosen = Candidate.of(decision.implementation, dict(decision.config)).build()

@@ -22,7 +22,13 @@ import torch
 from sae_tune.autotune.candidates import TRITON, Candidate, SearchSpace, library_baselines, search_space
 from sae_tune.autotune.timing import Timing, time_fn, time_interleaved
 from sae_tune.autotune.verify import Reference, check
-from sae_tune.autotune.workload import L0Stats, calibrate_l0, max_l0_candidates, synthetic_acts
+from sae_tune.autotune.workload import (
+    L0Stats,
+    calibrate_l0,
+    max_l0_candidates,
+    random_weights,
+    synthetic_acts,
+)
 from sae_tune.cache.store import CacheKey, Store, WinnerRecord
 from sae_tune.device import describe_device
 from sae_tune.specs import SAESpec
@@ -100,16 +106,6 @@ class Workload:
             return fn(self.acts, self.W_dec, self.b_dec)
 
 
-def make_weights(
-    spec: SAESpec, dtype: torch.dtype, device: torch.device, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed + 1)
-    W = torch.randn(spec.width, spec.d_model, generator=gen, dtype=torch.float32)
-    W /= math.sqrt(spec.d_model)
-    b = torch.randn(spec.d_model, generator=gen, dtype=torch.float32) / 10
-    return W.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-
-
 def optuna_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     """``None`` (in memory), ``journal:PATH`` / a ``.log``/``.journal`` path, or a database URL."""
     if url is None:
@@ -153,7 +149,9 @@ class Tuner:
         self.real_acts = acts
         self.storage = optuna_storage(storage)
         self.progress = progress
-        self.W_dec, self.b_dec = make_weights(spec, dtype, self.device, seed)
+        self.W_dec, self.b_dec = random_weights(
+            spec.width, spec.d_model, dtype=dtype, device=self.device, seed=seed
+        )
         calibration = acts if acts is not None else self._synthetic(CALIBRATION_TOKENS, seed + 7)
         self.l0 = calibrate_l0(calibration)
         self.max_l0s = max_l0_candidates(self.l0, limit=spec.width)

@@ -257,6 +257,16 @@ def load_acts(path: str | Path, *, key: str | None = None, width: int | None = N
     return acts.contiguous()
 
 
+def random_weights(
+    width: int, d_model: int, *, dtype: torch.dtype, device: torch.device | str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded W_dec (rows of norm ~1, like trained decoders) and b_dec; timings do not depend on values."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    W = torch.randn(width, d_model, generator=gen, dtype=torch.float32).div_(math.sqrt(d_model))
+    b = torch.randn(d_model, generator=gen, dtype=torch.float32).div_(10)
+    return W.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
 # --- calibration ------------------------------------------------------------------------------------
 
 

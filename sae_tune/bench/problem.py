@@ -7,14 +7,13 @@ batches, wide SAEs).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from sae_tune.autotune.verify import Reference
-from sae_tune.autotune.workload import L0Stats, calibrate_l0, synthetic_acts
+from sae_tune.autotune.workload import L0Stats, calibrate_l0, random_weights, synthetic_acts
 from sae_tune.specs import SAESpec
 
 
@@ -63,16 +62,6 @@ def sparse_reference(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tenso
     if b_dec is not None:
         value, scale = value + b_dec.double(), scale + b_dec.double().abs()
     return Reference(value, scale)
-
-
-def random_weights(
-    width: int, d_model: int, *, dtype: torch.dtype, device: torch.device, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded W_dec (rows of norm ~1, like trained decoders) and b_dec; timings do not depend on values."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    W = torch.randn(width, d_model, generator=gen, dtype=torch.float32).div_(math.sqrt(d_model))
-    b = torch.randn(d_model, generator=gen, dtype=torch.float32).div_(10)
-    return W.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
 
 class WeightCache:
