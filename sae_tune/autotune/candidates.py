@@ -8,18 +8,16 @@ only where no token can exceed their cap (a TopK SAE with k <= cap).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sae_tune.specs import SAESpec
-from sae_tune.torch_paths import TORCH_PATHS
+from sae_tune.torch_paths import TORCH_PATHS, DecodeFn
 from sae_tune.triton_support import triton_unavailable_reason
 from sae_tune.variants import Variant
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 TRITON = "triton"
 # Token chunks raced for the library paths (0 = the whole batch at once).
 CHUNKS = (0, 16, 64, 256)

@@ -7,12 +7,11 @@ This lets an SAE forward with gradients enabled (the default for ``nn.Parameter`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+from sae_tune.torch_paths import DecodeFn
 
 
 class SparseDecodeFunction(torch.autograd.Function):

@@ -11,7 +11,8 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 from sae_tune.integrations import saelens
 from sae_tune.integrations.post_import import PostImportFinder, install, uninstall
@@ -24,6 +25,16 @@ _lock = threading.RLock()
 _wanted = False
 
 
+def _each_loaded_module(apply: Callable[[ModuleType], list[str]]) -> tuple[str, ...]:
+    """``apply`` to every SAELens module already imported; the names it changed."""
+    done: list[str] = []
+    for name in saelens.MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
+            done += apply(module)
+    return tuple(done)
+
+
 def patch() -> tuple[str, ...]:
     """Route SAELens decoders through sae-tune: now for what is imported, at import for the rest.
 
@@ -33,12 +44,7 @@ def patch() -> tuple[str, ...]:
     with _lock:
         _wanted = True
         install(_finder)
-        done: list[str] = []
-        for name in saelens.MODULES:
-            module = sys.modules.get(name)
-            if module is not None:
-                done += saelens.patch_module(module)
-        return tuple(done)
+        return _each_loaded_module(saelens.patch_module)
 
 
 def unpatch() -> tuple[str, ...]:
@@ -47,12 +53,7 @@ def unpatch() -> tuple[str, ...]:
     with _lock:
         _wanted = False
         uninstall(_finder)
-        done: list[str] = []
-        for name in saelens.MODULES:
-            module = sys.modules.get(name)
-            if module is not None:
-                done += saelens.unpatch_module(module)
-        return tuple(done)
+        return _each_loaded_module(saelens.unpatch_module)
 
 
 def is_active() -> bool:
