@@ -160,7 +160,10 @@ def test_sources_in_lookup_order(isolated, monkeypatch, caplog):
         exact.config["chunk"] = 1  # read-only
 
 
-def test_cost_model_takes_the_gather_for_a_wide_sparse_sae_and_dense_for_a_tiny_one():
+def test_cost_model_takes_the_gather_for_a_wide_sparse_sae_and_dense_for_a_tiny_one(monkeypatch):
+    # fixed rates: the decision must not depend on how loaded the machine was when they were probed
+    rates = costmodel.Rates(bandwidth=20e9, op_overhead=5e-6, scan=2e9, flops=100e9)
+    monkeypatch.setattr(costmodel, "measure_rates", lambda device, dtype=torch.float32: rates)
     W, b = random_weights(16384, 512, torch.float32)
     acts = random_acts(32, 16384, 16, torch.float32)
     wide = explain(acts, W, b)
@@ -171,6 +174,12 @@ def test_cost_model_takes_the_gather_for_a_wide_sparse_sae_and_dense_for_a_tiny_
     tiny = explain(dense_acts, W_small, b_small)
     assert (tiny.implementation, tiny.source) == ("dense", "model"), tiny
     assert_matches_dense(sparse_decode(acts, W, b), acts, W, b)
+
+
+def test_measured_rates_are_positive_and_cached():
+    rates = costmodel.measure_rates("cpu")
+    assert rates.bandwidth > 1e8 and rates.scan > 1e6 and rates.flops > 1e8 and 0 < rates.op_overhead < 1e-3
+    assert costmodel.measure_rates("cpu") == rates
 
 
 def test_cost_model_formulas():
