@@ -19,7 +19,7 @@ TABLE_HEADERS = (
     "vs dense",
     "vs sparse_csr",
     "vs embedding_bag",
-    "trials",
+    "measured",
 )
 
 
