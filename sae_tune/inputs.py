@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# What the generated kernels compute in (they accumulate in fp32, so float64 would lose precision).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """``float32, float16, bfloat16``: the dtypes a message says are accepted."""
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
 @dataclass(frozen=True)
@@ -32,21 +40,39 @@ class DecodeInputs:
         return self.W_dec.shape[1]
 
 
+def resolved(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a lazy negation or conjugation applied (e.g. ``z.conj().imag``): such views share
+    storage with their base and only carry a bit, which code reading raw memory would ignore. A no-op
+    (the same tensor) for ordinary tensors."""
+    return t.resolve_conj().resolve_neg() if (t.is_neg() or t.is_conj()) else t
+
+
 def check_decode_inputs(
     feature_acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
 ) -> DecodeInputs:
-    """Validate ``feature_acts @ W_dec + b_dec`` and flatten the leading dimensions of the activations."""
+    """Validate ``feature_acts @ W_dec + b_dec`` and flatten the leading dimensions of the activations.
+
+    The returned tensors have their negation/conjugation bits resolved, so every path (and every kernel
+    that reads memory through a pointer) sees the values the user sees.
+    """
     for name, t in (("feature_acts", feature_acts), ("W_dec", W_dec), ("b_dec", b_dec)):
         if t is None and name == "b_dec":
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout is not torch.strided:
+            raise TypeError(
+                f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                ".to_dense() or use torch.sparse.mm"
+            )
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must have a floating dtype (float32, float16, bfloat16), got {t.dtype}")
+            raise TypeError(f"{name} must have a floating dtype ({dtype_names(FLOAT_DTYPES)}), got {t.dtype}")
     if W_dec.dim() != 2:
         raise ValueError(f"W_dec must be 2-D (F, D), got shape {tuple(W_dec.shape)}")
     if feature_acts.dim() < 1:
-        raise ValueError("feature_acts must have at least one dimension (..., F)")
+        raise ValueError(
+            f"feature_acts must have at least one dimension (..., F), got a {feature_acts.dim()}-D tensor"
+        )
     F, D = W_dec.shape
     if feature_acts.shape[-1] != F:
         raise ValueError(
@@ -69,7 +95,35 @@ def check_decode_inputs(
         if b_dec.device != W_dec.device:
             raise ValueError(f"b_dec is on {b_dec.device} but W_dec is on {W_dec.device}")
         out_dtype = torch.promote_types(out_dtype, b_dec.dtype)
+        b_dec = resolved(b_dec)
     if F >= 2**31:
         raise ValueError(f"W_dec has {F} rows; feature indices must fit in int32 (< 2**31)")
     lead_shape = tuple(feature_acts.shape[:-1])
-    return DecodeInputs(feature_acts.reshape(-1, F), W_dec, b_dec, lead_shape, out_dtype)
+    # explicit token count: reshape(-1, 0) is ambiguous when F == 0
+    acts = resolved(feature_acts).reshape(math.prod(lead_shape), F)
+    return DecodeInputs(acts, resolved(W_dec), b_dec, lead_shape, out_dtype)
+
+
+# --- autocast ---------------------------------------------------------------------------------------------
+
+
+def autocast_dtype(*tensors: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype ``acts @ W_dec`` computes in under an active ``torch.autocast`` for the tensors' device,
+    or None when autocast is off there (or the inputs are not tensors)."""
+    t = tensors[0] if tensors else None
+    if not isinstance(t, torch.Tensor):
+        return None
+    device_type = t.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return None
+
+
+def autocast_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as autocast casts a matmul operand: floating tensors other than float64 go to ``dtype``."""
+    if t.is_floating_point() and t.dtype != torch.float64 and t.dtype != dtype:
+        return t.to(dtype)
+    return t

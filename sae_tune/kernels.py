@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_tune.inputs import DecodeInputs
+from sae_tune.inputs import KERNEL_DTYPES, DecodeInputs, dtype_names, resolved
 from sae_tune.templates.render import load_module
 from sae_tune.triton_support import triton_unavailable_reason
 from sae_tune.variants import Variant
@@ -50,8 +50,32 @@ def _require_triton(device: torch.device) -> None:
         raise RuntimeError(reason)
 
 
+def check_kernel_tensor(name: str, t: object) -> None:
+    """Refuse what the generated kernels cannot read: not a tensor, not strided, or a dtype they do not
+    compute in (float64 would silently be computed in fp32)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout is not torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor for the generated kernels, got {t.layout}")
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"the generated kernels take {dtype_names(KERNEL_DTYPES)}; {name} is {t.dtype} "
+            "(sparse_decode without variant= takes float64 too)"
+        )
+
+
+def for_kernel(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` ready to be read through a raw pointer: checked, with its negation/conjugation bits resolved
+    (a kernel would otherwise read the unnegated storage)."""
+    check_kernel_tensor(name, t)
+    return resolved(t)
+
+
 def build_sparse(acts: torch.Tensor, variant: Variant) -> SparseView:
     """Sparse view of a 2-D (tokens, F) activation tensor, on its device."""
+    acts = for_kernel("feature_acts", acts)
+    if acts.dim() != 2:
+        raise ValueError(f"build_sparse takes 2-D (tokens, F) activations, got shape {tuple(acts.shape)}")
     _require_triton(acts.device)
     module = load_module(variant)
     B, F = acts.shape
@@ -116,6 +140,8 @@ def decode_sparse(
 ) -> torch.Tensor:
     """Decode a prepared sparse view: (tokens, D) in ``out_dtype``."""
     v = view.variant
+    W_dec = for_kernel("W_dec", W_dec)
+    b_dec = None if b_dec is None else for_kernel("b_dec", b_dec)
     _require_triton(W_dec.device)
     module = load_module(v)
     B, D = view.acts.shape[0], W_dec.shape[1]
@@ -138,7 +164,13 @@ def decode_sparse(
 
 def run_variant(inputs: DecodeInputs, variant: Variant, *, allow_truncation: bool = False) -> torch.Tensor:
     """The whole pipeline for one variant: build, overflow policy, decode. Returns (tokens, D)."""
+    for name, t in (("feature_acts", inputs.acts), ("W_dec", inputs.W_dec), ("b_dec", inputs.b_dec)):
+        if t is not None:
+            check_kernel_tensor(name, t)  # refuse float64 here rather than compute it in fp32
     require_truncation_allowed(variant, allow_truncation)
+    if inputs.F == 0:  # no features: the product is zeros, as for the dense expression
+        out = torch.zeros(inputs.n_tokens, inputs.D, dtype=inputs.out_dtype, device=inputs.W_dec.device)
+        return out if inputs.b_dec is None else out.add_(inputs.b_dec)
     view = build_sparse(inputs.acts, variant)
     check_overflow(view, allow_truncation=allow_truncation)
     return decode_sparse(view, inputs.W_dec, inputs.b_dec, inputs.out_dtype)

@@ -4,8 +4,10 @@ They keep the tuner honest: dense ``acts @ W_dec`` is what the user had, and the
 (CSR/COO sparse matmul, ``embedding_bag`` over the fired rows) are what a user could write in a few
 lines. On CPU they are the whole race. Every path computes ``acts @ W_dec (+ b_dec)`` for acts of shape
 (..., F), returns (..., D) in the dtype of the dense expression, and is exact (up to float summation
-order) except ``embedding_bag_topk``, which keeps only the k largest-magnitude features of each token
-and is therefore marked ``can_truncate``.
+order). ``embedding_bag_topk`` gathers a fixed k slots per token: fast only when no token has more than
+k non-zeros (a TopK SAE's promise), so it is marked ``can_truncate`` and gated on that promise; it
+still checks the promise on every call and decodes a token above k exactly, because a promise can be
+broken unseen (an edit through ``.data`` bypasses autograd's version counter).
 
 Measured on this project's CPU (torch 2.13): ``torch.sparse.mm`` has no CSR kernel for float16 or
 bfloat16 on CPU (MKL), so ``sparse_csr`` reports those dtypes unsupported instead of converting W_dec
@@ -62,7 +64,7 @@ def _named(fn: DecodeFn, name: str) -> DecodeFn:
 def dense(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
     """``acts @ W_dec + b_dec`` as written: the baseline every candidate must beat."""
     inputs = check_decode_inputs(acts, W_dec, b_dec)
-    return _finish(inputs, inputs.acts @ W_dec)
+    return _finish(inputs, inputs.acts @ inputs.W_dec)
 
 
 def _csr(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +116,12 @@ def embedding_bag_csr(
     offsets = torch.zeros(inputs.n_tokens + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     out = F.embedding_bag(
-        feature, W_dec, offsets, mode="sum", per_sample_weights=x[token, feature], include_last_offset=True
+        feature,
+        inputs.W_dec,
+        offsets,
+        mode="sum",
+        per_sample_weights=x[token, feature],
+        include_last_offset=True,
     )
     return _finish(inputs, out)
 
@@ -130,7 +137,7 @@ def embedding_bag_crow(
     csr = _csr(inputs.acts)
     out = F.embedding_bag(
         csr.col_indices(),
-        W_dec,
+        inputs.W_dec,
         csr.crow_indices(),
         mode="sum",
         per_sample_weights=csr.values(),
@@ -146,10 +153,12 @@ def _check_k(k: Any) -> int:
 
 
 def embedding_bag_topk(k: int) -> DecodeFn:
-    """Build the fixed-k path: ``topk`` of |acts| per token, then ``F.embedding_bag`` over (B, k) slots.
+    """Build the fixed-k path: ``topk`` of |acts| per token, then ``F.embedding_bag`` over the slots.
 
-    No host sync and fixed shapes, but exact only when no token has more than k non-zeros; a token with
-    more keeps its k largest-magnitude features (see ``would_truncate``).
+    It takes k + 1 slots: a token with at most k non-zeros has a zero weight in the extra slot, so
+    the gathered sum is exact, and a token whose k + 1 slots all hold non-zeros broke the promise and is
+    decoded again exactly (``embedding_bag_csr`` on those tokens). The check is computed from the slots
+    the path already gathered; deciding whether any token broke it is one host sync (free on CPU).
     """
     k = _check_k(k)
 
@@ -158,9 +167,17 @@ def embedding_bag_topk(k: int) -> DecodeFn:
         trivial = _trivial(inputs)
         if trivial is not None:
             return trivial
-        x = inputs.acts
-        slots = x.abs().topk(min(k, inputs.F), dim=1, sorted=False).indices
-        out = F.embedding_bag(slots, W_dec, mode="sum", per_sample_weights=x.gather(1, slots))
+        x, W = inputs.acts, inputs.W_dec
+        width = min(k + 1, inputs.F)
+        slots = x.abs().topk(width, dim=1, sorted=False).indices
+        weights = x.gather(1, slots)
+        out = F.embedding_bag(slots, W, mode="sum", per_sample_weights=weights)
+        if width > k:
+            over = (weights != 0).all(1)  # k + 1 non-zeros found: this token has more than k
+            if bool(over.any()):
+                rows = over.nonzero().flatten()
+                exact = embedding_bag_csr(x.index_select(0, rows), W)
+                out = out.index_copy(0, rows, exact)
         return _finish(inputs, out)
 
     return _named(run, f"embedding_bag_topk[k={k}]")
@@ -195,7 +212,7 @@ def max_row_nnz(acts: torch.Tensor) -> int:
 
 
 def would_truncate(acts: torch.Tensor, k: int) -> bool:
-    """True if a fixed-k path would drop features of some token of this batch (a token has > k)."""
+    """True if a token of this batch has more than k non-zeros (a cap of k would have to drop some)."""
     return max_row_nnz(acts) > _check_k(k)
 
 
@@ -278,7 +295,7 @@ TORCH_PATHS: dict[str, TorchPath] = {
             embedding_bag_topk,
             params=("k",),
             can_truncate=True,
-            summary="topk(|acts|, k) + embedding_bag: no sync, exact only if every token has <= k",
+            summary="topk(|acts|, k+1) + embedding_bag: fast if every token has <= k, exact re-decode if not",
         ),
     )
 }

@@ -5,7 +5,8 @@ Order of lookup for a call with N tokens (batch bucket = next power of two of N)
 1. ``cache``   the local cache's winner for this device, dtype, F, D and batch bucket;
 2. ``nearest`` the local winner of the nearest batch bucket (or measured with other software versions);
 3. ``shipped`` the shipped per-GPU configs of this device model (``sae_tune.cache.share.load_shipped``);
-4. ``model``   the cost model (``costmodel``), at the mean L0 of the first batch of that shape;
+4. ``model``   the cost model (``costmodel``), at the mean L0 of the first batch of that shape
+               (``explain`` quotes the costs at the mean L0 of the batch it is given);
 5. ``dense``   when nothing else applies.
 
 The L0 bucket of a cache key is the tuned SAE's calibration L0, not a per-batch number. A call is matched
@@ -15,6 +16,12 @@ different code is the batch's own mean L0 counted (one ``count_nonzero``) to pic
 Everything is decided once per (device, dtype, F, D, batch bucket, promise) and kept in memory; the cache
 file is read on first use and again only after ``reload()``. Each option is verified against the exact
 product on first use; one that fails is skipped, with a ``DispatchWarning``, for the rest of the process.
+A batch whose result overflows the output dtype cannot decide: it runs dense and the option is verified
+again on the next call.
+
+Under ``torch.autocast`` a call gives the dtype ``acts @ W_dec`` gives there: the activations are cast as
+autocast would cast them; when W_dec itself would need casting, the call is left to torch (autocast
+caches that cast of a weight, a per-call cast would cost as much as the dense product).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from sae_tune.dispatch.decision import Decision, DispatchWarning, Option
 from sae_tune.dispatch.grad import DecodeFn, needs_grad, with_dense_backward
 from sae_tune.dispatch.identity import device_identity
 from sae_tune.dispatch.runtime import KERNEL_DTYPES, CallContext, build, gate, verify
-from sae_tune.inputs import DecodeInputs, check_decode_inputs
+from sae_tune.inputs import DecodeInputs, autocast_cast, autocast_dtype, check_decode_inputs
 from sae_tune.triton_support import triton_unavailable_reason
 
 log = logging.getLogger("sae_tune")
@@ -90,6 +97,19 @@ def _check_k(k: Any) -> int | None:
     return k
 
 
+def _autocast_step(feature_acts: Any, W_dec: Any) -> tuple[Any, str | None]:
+    """Under autocast: (activations cast as autocast would cast them, None), or (_, why the call is left
+    to torch). Without autocast: (feature_acts, None)."""
+    if not (isinstance(feature_acts, torch.Tensor) and isinstance(W_dec, torch.Tensor)):
+        return feature_acts, None  # the input checks name what is wrong
+    target = autocast_dtype(feature_acts)
+    if target is None:
+        return feature_acts, None
+    if autocast_cast(W_dec, target) is not W_dec:
+        return feature_acts, f"autocast casts W_dec to {str(target).removeprefix('torch.')}"
+    return autocast_cast(feature_acts, target), None
+
+
 @dataclass
 class _Plan:
     """Decided once per call key: gated options by tier, then the model's choice, then dense."""
@@ -97,6 +117,7 @@ class _Plan:
     tiers: list[tuple[Option, ...]]
     skipped: list[str]
     model: Option | None = None
+    model_l0: float | None = None  # the mean L0 the model's choice was made at
     settled: Option | None = None  # the verified, unambiguous choice, once known
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -191,12 +212,12 @@ class Dispatcher:
     def _model(self, plan: _Plan, inputs: DecodeInputs, ctx: CallContext) -> Option:
         with plan.lock:
             if plan.model is None:
-                plan.model = self._model_option(inputs, ctx)
+                plan.model_l0 = _mean_l0(inputs)
+                plan.model = self._model_option(inputs, ctx, plan.model_l0)
             return plan.model
 
     @staticmethod
-    def _model_option(inputs: DecodeInputs, ctx: CallContext) -> Option:
-        mean_l0 = int(torch.count_nonzero(inputs.acts)) / inputs.n_tokens
+    def _model_option(inputs: DecodeInputs, ctx: CallContext, mean_l0: float) -> Option:
         paths: tuple[str, ...] = ("dense", "embedding_bag_csr")
         if (
             ctx.device.type == "cuda"
@@ -221,14 +242,17 @@ class Dispatcher:
         return Option.of(choice.impl, choice.config, "model", choice.reason)
 
     # --- choosing -----------------------------------------------------------------------------------
+    def _plan_for(self, inputs: DecodeInputs, ctx: CallContext) -> tuple[_Plan, tuple[Any, ...]]:
+        bucket = 1 << max(0, inputs.n_tokens - 1).bit_length()
+        key = (ctx.device, ctx.dtype, inputs.F, inputs.D, bucket, ctx.k, ctx.allow_truncation)
+        return self._plans.get(key) or self._plan(key, ctx, inputs.F, inputs.D, bucket), key
+
     def _choose(
         self, inputs: DecodeInputs, ctx: CallContext, *, run: bool
     ) -> tuple[Option, torch.Tensor | None]:
         """The option for this call; with ``run``, unverified options are verified (their output is
         returned so the first call does not compute twice)."""
-        bucket = 1 << max(0, inputs.n_tokens - 1).bit_length()
-        key = (ctx.device, ctx.dtype, inputs.F, inputs.D, bucket, ctx.k, ctx.allow_truncation)
-        plan = self._plans.get(key) or self._plan(key, ctx, inputs.F, inputs.D, bucket)
+        plan, key = self._plan_for(inputs, ctx)
         if plan.settled is not None:
             return plan.settled, None
         for tier in plan.tiers:
@@ -239,6 +263,8 @@ class Dispatcher:
                 ambiguous = len({o.what for o in live}) > 1
                 option = _nearest_l0(live, inputs) if ambiguous else live[0]
                 ok, out = self._trusted(option, inputs, run)
+                if ok is None:
+                    return _undecided(option), None
                 if ok:
                     if run and not ambiguous:
                         self._settle(plan, option, key)
@@ -246,6 +272,8 @@ class Dispatcher:
         option = _noting(self._model(plan, inputs, ctx), plan.skipped)
         if option.impl != "dense":
             ok, out = self._trusted(option, inputs, run)
+            if ok is None:
+                return _undecided(option), None
             if ok:
                 if run:
                     self._settle(plan, option, key)
@@ -256,8 +284,11 @@ class Dispatcher:
             self._settle(plan, option, key)
         return option, None
 
-    def _trusted(self, option: Option, inputs: DecodeInputs, run: bool) -> tuple[bool, torch.Tensor | None]:
-        """Whether ``option`` may be used; on first use (``run``) it is verified against dense."""
+    def _trusted(
+        self, option: Option, inputs: DecodeInputs, run: bool
+    ) -> tuple[bool | None, torch.Tensor | None]:
+        """Whether ``option`` may be used; on first use (``run``) it is verified against dense. None: this
+        batch could not decide (its result overflows), so the option stays unverified."""
         tkey = self._trust_key(option, inputs)
         known = self._trust.get(tkey)
         if known is not None or not run:
@@ -267,7 +298,11 @@ class Dispatcher:
         except Exception as exc:
             out, why = None, f"cannot be built: {type(exc).__name__}: {exc}"
         else:
-            out, why = verify(fn, inputs)
+            result = verify(fn, inputs)
+            if not result.decided:
+                log.debug("sae_tune dispatch: %s unverified on this batch: %s", option.label, result.problem)
+                return None, None
+            out, why = result.out, result.problem
         self._trust[tkey] = not why
         if why:
             warnings.warn(
@@ -308,6 +343,22 @@ class Dispatcher:
         k = _check_k(k)
         if bypass_reason(feature_acts, W_dec, b_dec) is not None or _empty(feature_acts):
             return _dense_expression(feature_acts, W_dec, b_dec)
+        acts, autocast_why = _autocast_step(feature_acts, W_dec)
+        if autocast_why is not None:
+            return _dense_expression(feature_acts, W_dec, b_dec)
+        if acts is not feature_acts:  # cast as autocast would; the paths then run in that dtype
+            with torch.autocast(acts.device.type, enabled=False):
+                return self._decode(acts, W_dec, b_dec, k, allow_truncation)
+        return self._decode(feature_acts, W_dec, b_dec, k, allow_truncation)
+
+    def _decode(
+        self,
+        feature_acts: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor | None,
+        k: int | None,
+        allow_truncation: bool,
+    ) -> torch.Tensor:
         inputs = check_decode_inputs(feature_acts, W_dec, b_dec)
         ctx = CallContext(inputs.acts.device, inputs.acts.dtype, k, bool(allow_truncation))
         option, out = self._choose(inputs, ctx, run=True)
@@ -315,9 +366,9 @@ class Dispatcher:
             return _dense_expression(feature_acts, W_dec, b_dec)
         fn = self._fn(option)
         if needs_grad(feature_acts, W_dec, b_dec):
-            out = with_dense_backward(fn, inputs.acts, W_dec, b_dec)
+            out = with_dense_backward(fn, inputs.acts, inputs.W_dec, inputs.b_dec)
         elif out is None:
-            out = fn(inputs.acts, W_dec, b_dec)
+            out = fn(inputs.acts, inputs.W_dec, inputs.b_dec)
         return out.reshape(*inputs.lead_shape, inputs.D)
 
     def explain(
@@ -332,6 +383,8 @@ class Dispatcher:
         """What ``decode`` would run for these inputs, from where, and why (also logged at DEBUG)."""
         k = _check_k(k)
         why = bypass_reason(feature_acts, W_dec, b_dec)
+        if why is None and not _empty(feature_acts):
+            feature_acts, why = _autocast_step(feature_acts, W_dec)
         if why is not None:
             decision = Decision("dense", DENSE_CONFIG, "dense", f"left to torch: {why}")
         elif _empty(feature_acts):
@@ -339,7 +392,10 @@ class Dispatcher:
         else:
             inputs = check_decode_inputs(feature_acts, W_dec, b_dec)
             ctx = CallContext(inputs.acts.device, inputs.acts.dtype, k, bool(allow_truncation))
-            decision = self._choose(inputs, ctx, run=False)[0].decision()
+            option = self._choose(inputs, ctx, run=False)[0]
+            if option.source == "model":
+                option = self._model_for_batch(option, inputs, ctx)
+            decision = option.decision()
             if decision.implementation != "dense" and needs_grad(feature_acts, W_dec, b_dec):
                 note = "; gradients through the dense product's backward"
                 decision = Decision(
@@ -347,6 +403,32 @@ class Dispatcher:
                 )
         log.debug("sae_tune explain: %s", decision)
         return decision
+
+    def _model_for_batch(self, option: Option, inputs: DecodeInputs, ctx: CallContext) -> Option:
+        """The model's ``option`` with a reason that quotes this batch (its mean L0 and the predicted
+        costs at it), not the first batch of the shape the choice was made for; explain may count."""
+        plan, _ = self._plan_for(inputs, ctx)
+        mean_l0 = _mean_l0(inputs)
+        fresh = self._model_option(inputs, ctx, mean_l0)
+        reason = fresh.reason
+        if fresh.what != option.what:
+            first = f" (mean L0 {plan.model_l0:.3g})" if plan.model_l0 is not None else ""
+            reason += f"; decode keeps {option.label}, chosen for the first batch of this shape{first}"
+        return _noting(dataclasses.replace(option, reason=reason), plan.skipped)
+
+
+def _mean_l0(inputs: DecodeInputs) -> float:
+    """Mean non-zeros per token of the batch (one count; a host sync on CUDA)."""
+    return int(torch.count_nonzero(inputs.acts)) / max(1, inputs.n_tokens)
+
+
+def _undecided(option: Option) -> Option:
+    """Dense for one call whose batch could not verify ``option`` (it is verified again next call)."""
+    reason = (
+        f"{option.label} ({option.source}) is not verified yet: this batch's result overflows its dtype, "
+        "so the dense product runs for this call"
+    )
+    return Option.of("dense", DENSE_CONFIG, "dense", reason)
 
 
 def _noting(option: Option, skipped: list[str]) -> Option:
@@ -360,7 +442,7 @@ def _noting(option: Option, skipped: list[str]) -> Option:
 
 def _nearest_l0(options: list[Option], inputs: DecodeInputs) -> Option:
     """The option whose L0 bucket is nearest the batch's mean L0 (counted here: one pass over acts)."""
-    mean = int(torch.count_nonzero(inputs.acts)) / inputs.n_tokens
+    mean = _mean_l0(inputs)
     target = math.log2(max(1.0, mean))
     return min(options, key=lambda o: abs(math.log2(o.l0_bucket or 1) - target))
 

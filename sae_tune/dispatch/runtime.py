@@ -2,13 +2,16 @@
 
 Overflow safety: a ``validate`` variant (host sync, raises past max_l0) runs as ``fallback`` with the same
 max_l0, so a token above the tuned cap decodes exactly instead of raising; an ``unchecked`` variant or the
-``embedding_bag_topk`` path (both drop features past their cap) runs only when the caller promised that no
-token has more than the cap (``k``, e.g. a TopK SAE's k) or allowed truncation; otherwise the unchecked
-variant runs as ``fallback`` and the topk path is not used.
+``embedding_bag_topk`` path (both keep a fixed number of features per token) runs only when the caller
+promised that no token has more than the cap (``k``, e.g. a TopK SAE's k) or allowed truncation. A
+promise can be broken unseen (an edit through ``.data`` bypasses autograd), so it never licenses
+truncation: under ``k`` the unchecked variant runs as ``fallback`` (same slots, exact above the cap, no
+sync) and the topk path re-decodes a token above k exactly. Only ``allow_truncation`` truncates.
 
 Verification: the first time an option runs for a (device, dtype, F, D) it is compared with the exact
 product in float64 over the fired rows (``autotune.verify``); an option that raises or differs is never
-used again in the process.
+used again in the process. A batch whose result overflows the output dtype cannot decide (the dense
+product's own value depends on summation order there): the option stays unverified for the next call.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import torch
 from sae_tune.autotune.verify import Reference, check
 from sae_tune.dispatch.decision import Option
 from sae_tune.dispatch.grad import DecodeFn
-from sae_tune.inputs import DecodeInputs, check_decode_inputs
+from sae_tune.inputs import KERNEL_DTYPES, DecodeInputs, check_decode_inputs
 from sae_tune.torch_paths import TORCH_PATHS
 from sae_tune.triton_support import triton_unavailable_reason
 from sae_tune.variants import Variant
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["KERNEL_DTYPES", "CallContext", "Verification", "build", "gate", "verify"]
+
 VERIFY_TOKENS = 64
 
 
@@ -59,7 +63,7 @@ def gate(option: Option, ctx: CallContext) -> tuple[Option | None, str]:
             return None, f"not a valid variant: {exc}"
         policy = variant.overflow
         if variant.alloc == "fixed" and (
-            policy == "validate" or (policy == "unchecked" and not ctx.bounded_by(variant.max_l0))
+            policy == "validate" or (policy == "unchecked" and not ctx.allow_truncation)
         ):
             safe = dataclasses.replace(variant, overflow="fallback")
             note = (
@@ -104,8 +108,22 @@ def build(option: Option) -> DecodeFn:
     return TORCH_PATHS[option.impl].build(**config)
 
 
-def verify(fn: DecodeFn, inputs: DecodeInputs) -> tuple[torch.Tensor | None, str]:
-    """Run ``fn`` once and compare with the exact product: (output or None, "") or (None, what went wrong).
+@dataclass(frozen=True)
+class Verification:
+    """Outcome of a first-use check. ``problem`` is "" when the option is correct; ``decided`` is False
+    when this batch could not tell (its result overflows the output dtype): try again on the next."""
+
+    out: torch.Tensor | None
+    problem: str
+    decided: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.decided and not self.problem
+
+
+def verify(fn: DecodeFn, inputs: DecodeInputs) -> Verification:
+    """Run ``fn`` once and compare with the exact product.
 
     At most ``VERIFY_TOKENS`` tokens are checked (the float64 reference copies every W_dec row they fire);
     the output is returned for reuse only when that was the whole batch. A bias of a wider dtype than
@@ -121,11 +139,13 @@ def verify(fn: DecodeFn, inputs: DecodeInputs) -> tuple[torch.Tensor | None, str
         try:
             out = fn(acts, W, b)
         except Exception as exc:  # a compile error, a kernel the templates cannot render, ...
-            return None, f"raised {type(exc).__name__}: {str(exc)[:300]}"
+            return Verification(None, f"raised {type(exc).__name__}: {str(exc)[:300]}")
         fired = (acts != 0).any(0).nonzero().flatten()
         expected = W.dtype if promotes else inputs.out_dtype
         verdict = check(out, Reference.of(acts[:, fired], W[fired], b), expected)
+    if not verdict.decided:
+        return Verification(None, verdict.reason, decided=False)
     if not verdict.ok:
-        return None, f"wrong result against dense: {verdict.reason}"
+        return Verification(None, f"wrong result against dense: {verdict.reason}")
     whole = not promotes and inputs.n_tokens <= VERIFY_TOKENS
-    return (out if whole else None), ""
+    return Verification(out if whole else None, "")
