@@ -32,8 +32,9 @@ DEFAULT_L0_FRACTION = 0.002
 _MAX_CFG_BYTES = 1 << 20
 
 # SAELens ``architecture`` values and the decode-side behaviour they imply. Gated and standard SAEs
-# decode like a ReLU SAE; BatchTopK SAEs run with a learned threshold at inference (JumpReLU-like), so
-# their per-token L0 varies around k.
+# decode like a ReLU SAE (a gated SAE fires the features whose gate is open, a number that varies per
+# token like a ReLU SAE's L0, and decodes with ``feature_acts @ W_dec + b_dec``); BatchTopK SAEs run
+# with a learned threshold at inference (JumpReLU-like), so their per-token L0 varies around k.
 _SAELENS_ARCHS = {
     "jumprelu": "jumprelu",
     "topk": "topk",
@@ -230,19 +231,34 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _default_l0(cfg: dict[str, Any], cfg_file: Path, path: Path, width: int, k: int | None) -> int:
+@dataclass(frozen=True)
+class L0Origin:
+    """Where the L0 of a local SAE came from. ``assumed`` is True when its cfg.json does not state it
+    (taken from the folder name or the default fraction), so that a caller can say so instead of tuning
+    a guessed shape silently."""
+
+    source: str
+    assumed: bool
+
+
+def _default_l0(
+    cfg: dict[str, Any], cfg_file: Path, path: Path, width: int, k: int | None
+) -> tuple[int, L0Origin]:
     """L0 of a local SAE when the caller gave none; derived values are clipped to the width."""
     if k is not None:  # TopK, and BatchTopK whose mean L0 is k by construction
-        return k
+        return k, L0Origin("k in cfg.json", assumed=False)
     if cfg.get("l0") is not None:
         raw = cfg["l0"]
         if type(raw) not in (int, float) or not math.isfinite(raw) or raw <= 0:
             raise SpecError(f"{cfg_file}: field 'l0' must be a positive number, got {raw!r}")
-        return min(width, max(1, round(raw)))
+        return min(width, max(1, round(raw))), L0Origin("field 'l0' of cfg.json", assumed=False)
     match = _AVERAGE_L0_DIR.search(path.resolve().name)
     if match:
-        return min(width, max(1, int(match.group(1))))
-    return min(width, max(1, round(width * DEFAULT_L0_FRACTION)))
+        origin = L0Origin(f"the folder name {match.group(0)!r} (cfg.json states no L0)", assumed=True)
+        return min(width, max(1, int(match.group(1)))), origin
+    share = f"{DEFAULT_L0_FRACTION:.1%}"
+    origin = L0Origin(f"{share} of d_sae (cfg.json states no L0)", assumed=True)
+    return min(width, max(1, round(width * DEFAULT_L0_FRACTION))), origin
 
 
 def spec_from_saelens_dir(path: str | Path, *, l0: int | None = None, name: str | None = None) -> SAESpec:
@@ -251,8 +267,15 @@ def spec_from_saelens_dir(path: str | Path, *, l0: int | None = None, name: str 
     Uses ``d_sae`` (width), ``d_in`` (d_model) and ``architecture`` (default "standard"); TopK takes ``k``
     from the top level or from ``activation_fn_kwargs``. L0, in order: the ``l0`` argument; k for TopK;
     a numeric ``l0`` field of the config if it has one; the N of a Gemma Scope folder named
-    ``average_l0_N``; else ``DEFAULT_L0_FRACTION`` of the width.
+    ``average_l0_N``; else ``DEFAULT_L0_FRACTION`` of the width. ``read_saelens_dir`` also says which.
     """
+    return read_saelens_dir(path, l0=l0, name=name)[0]
+
+
+def read_saelens_dir(
+    path: str | Path, *, l0: int | None = None, name: str | None = None
+) -> tuple[SAESpec, L0Origin]:
+    """``spec_from_saelens_dir`` plus where its L0 came from (see ``L0Origin``)."""
     path = Path(path)
     cfg_file = path / "cfg.json"
     cfg = _read_cfg(path)
@@ -285,9 +308,15 @@ def spec_from_saelens_dir(path: str | Path, *, l0: int | None = None, name: str 
             raise SpecError(f"{cfg_file}: field 'k' is missing (needed for a TopK SAE)")
 
     if l0 is None:
-        l0 = _default_l0(cfg, cfg_file, path, width, k)
+        l0, origin = _default_l0(cfg, cfg_file, path, width, k)
+    else:
+        origin = L0Origin("given", assumed=False)
     if arch != "topk":
         k = None
+    elif l0 != k:
+        raise SpecError(
+            f"{cfg_file}: a TopK SAE fires exactly k={k} features per token; its L0 is k, not {l0}"
+        )
     if name is None:
         name = f"saelens:{path.resolve().name}"
-    return SAESpec(name, width, d_model, l0, arch, None, None, k)
+    return SAESpec(name, width, d_model, l0, arch, None, None, k), origin

@@ -23,7 +23,7 @@ from sae_tune.dispatch import reload  # noqa: E402
 from sae_tune.integrations.saelens import is_patched  # noqa: E402
 from sae_tune.templates.render import template_hash  # noqa: E402
 
-ARCHS = ("jumprelu", "topk", "standard")
+ARCHS = ("jumprelu", "topk", "standard", "gated")
 SHAPES = [(4096, 256), (16384, 768)]
 FIRE_Z = 2.33  # a standard normal pre-activation exceeds this 1% of the time
 BATCH = 8
@@ -36,6 +36,8 @@ def make_sae(arch: str, F: int, D: int, dtype: torch.dtype, seed: int = 0, z: fl
     elif arch == "topk":
         k = max(1, round(F * math.erfc(z / math.sqrt(2)) / 2))  # as many as the other archs fire
         sae = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D, d_sae=F, k=k, dtype=name, **cfg))
+    elif arch == "gated":
+        sae = sae_lens.GatedSAE(sae_lens.GatedSAEConfig(d_in=D, d_sae=F, dtype=name, **cfg))
     else:
         sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=F, dtype=name, **cfg))
     gen = torch.Generator().manual_seed(seed)
@@ -47,6 +49,10 @@ def make_sae(arch: str, F: int, D: int, dtype: torch.dtype, seed: int = 0, z: fl
             sae.threshold.fill_(z)
         elif arch == "standard":
             sae.b_enc.fill_(-z)
+        elif arch == "gated":  # the gate opens where the pre-activation exceeds z; magnitudes are ReLU'd
+            sae.b_gate.fill_(-z)
+            sae.b_mag.zero_()
+            sae.r_mag.zero_()
     return sae
 
 
@@ -282,6 +288,7 @@ def test_gradients_through_forward_equal_unpatched(isolated, arch):
 def test_patch_unpatch_and_context_manager():
     cls = sae_lens.JumpReLUSAE
     assert is_patched(cls) and is_patched(sae_lens.StandardSAE) and is_patched(sae_lens.TopKSAE)
+    assert is_patched(sae_lens.GatedSAE)
     original = cls.__dict__["decode"].__sae_tune_original__
     assert "JumpReLUSAE.decode" in sae_tune.unpatch()
     assert cls.__dict__["decode"] is original and not is_patched(cls)

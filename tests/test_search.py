@@ -155,3 +155,50 @@ def test_search_space_module_has_no_triton_on_cpu(monkeypatch):
     monkeypatch.setattr(candidates_mod, "triton_unavailable_reason", lambda device: None)
     space = search_space(SPEC, 8, torch.float32, torch.device("cpu"), (32,))
     assert not space.variants  # even where the interpreter could run them, CPU never races kernels
+
+
+def test_every_timing_is_stored_with_its_spread(store):
+    result = Tuner(SPEC, store=store).tune_batch(8, trials=4)
+    ok = [t for t in store.trials(result.key) if t.ok]
+    assert ok and all(t.spread is not None and t.spread >= 0 for t in ok)
+    assert all(b.spread is not None for b in store.baselines(result.key))
+    assert store.winner(result.key).spread is not None  # from the interleaved final re-timing
+
+
+def test_phases_are_reported_in_order(store):
+    said = []
+    Tuner(SPEC, store=store, phase=said.append).tune_batch(8, trials=2)
+    assert [m.split(": ")[1].split(" ")[0] for m in said] == ["baselines", "search", "final", "done,"]
+
+
+def test_retune_forgets_the_key_and_starts_a_fresh_shared_study(tmp_path):
+    journal = f"journal:{tmp_path / 'study.log'}"
+    with Store(tmp_path / "c.sqlite") as store:
+        first = Tuner(SPEC, store=store, storage=journal).tune_batch(64, trials=2)
+        store.set_winner_if_faster(first.key, "sparse_coo", {}, 1e-6, first.dense_ms)  # a lucky timing
+        again = Tuner(SPEC, store=store, storage=journal).tune_batch(64, trials=2)
+        study = optuna.load_study(study_name=again.study, storage=optuna_storage(journal))
+        assert len(study.trials) == 4 and store.winner(first.key).ms == 1e-6  # kept without retune
+        assert sum(t.trial_number is None for t in store.trials(first.key)) == 2 * 5  # two runs' baselines
+        fresh = Tuner(SPEC, store=store, storage=journal, retune=True).tune_batch(64, trials=2)
+        study = optuna.load_study(study_name=fresh.study, storage=optuna_storage(journal))
+        assert len(study.trials) == 2  # the old study was deleted, not continued
+        assert store.winner(first.key).ms > 1e-3
+        assert sum(t.trial_number is None for t in store.trials(first.key)) == 5  # this run's only
+
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("bogus://x", "cannot open this database"),
+        ("sqlite:////no/such/dir/s.db", "cannot open this database"),
+        ("journal:/no/such/dir/j.log", "no such directory: /no/such/dir"),
+        ("journal:", "give a file"),
+    ],
+)
+def test_bad_storage_urls_are_value_errors_naming_them(url, words, tmp_path):
+    with pytest.raises(ValueError, match=words) as info:
+        optuna_storage(url)
+    assert repr(url) in str(info.value)
+    with pytest.raises(ValueError, match="is a directory"):
+        optuna_storage(f"journal:{tmp_path}")

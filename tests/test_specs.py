@@ -12,10 +12,12 @@ from sae_tune.specs import (
     ARCHS,
     DEFAULT_L0_FRACTION,
     PRESETS,
+    L0Origin,
     SAESpec,
     SpecError,
     get_spec,
     list_specs,
+    read_saelens_dir,
     spec_from_saelens_dir,
     spec_from_shape,
 )
@@ -219,3 +221,27 @@ def test_saelens_dir_missing_folder_or_config(tmp_path):
     big = _sae_dir(tmp_path, None, "big", raw=" " * (2 << 20))
     with pytest.raises(SpecError, match="too large"):
         spec_from_saelens_dir(big)
+
+
+def test_saelens_dir_says_where_its_l0_came_from(tmp_path):
+    cfg = {"d_in": 512, "d_sae": 16384, "architecture": "jumprelu"}
+    spec, origin = read_saelens_dir(_sae_dir(tmp_path, cfg, "plain"))
+    assert origin.assumed and "0.2% of d_sae" in origin.source and spec.l0 == 33
+    spec, origin = read_saelens_dir(_sae_dir(tmp_path, cfg, "average_l0_61"))
+    assert origin.assumed and "average_l0_61" in origin.source and spec.l0 == 61
+    _, origin = read_saelens_dir(_sae_dir(tmp_path, {**cfg, "l0": 40}, "stated"))
+    assert not origin.assumed and "'l0'" in origin.source
+    _, origin = read_saelens_dir(tmp_path / "plain", l0=12)
+    assert origin == L0Origin("given", assumed=False)
+    topk = {"d_in": 64, "d_sae": 1024, "architecture": "topk", "k": 16}
+    spec, origin = read_saelens_dir(_sae_dir(tmp_path, topk, "topk"))
+    assert (spec.l0, origin.assumed) == (16, False)
+    with pytest.raises(SpecError, match="its L0 is k"):
+        read_saelens_dir(tmp_path / "topk", l0=20)
+
+
+def test_saelens_gated_dir_is_tuned_like_a_relu_sae(tmp_path):
+    """Gated SAEs open a varying number of gates per token and decode with feature_acts @ W_dec + b_dec."""
+    cfg = {"d_in": 2304, "d_sae": 16384, "architecture": "gated", "l0": 80.0}
+    spec, origin = read_saelens_dir(_sae_dir(tmp_path, cfg))
+    assert (spec.arch, spec.l0, spec.k, origin.assumed) == ("relu", 80, None, False)

@@ -1,6 +1,8 @@
 import time
 
-from sae_tune.autotune.timing import Timing, time_cpu, time_interleaved
+import pytest
+
+from sae_tune.autotune.timing import Timing, time_cpu, time_cuda, time_interleaved
 
 
 def test_time_cpu_takes_the_median_after_warmup():
@@ -31,3 +33,23 @@ def test_interleaved_orders_two_functions_by_their_cost():
 def test_spread():
     assert Timing(1.0, (1.0, 1.0, 1.0, 1.0)).spread == 0.0
     assert Timing(2.0, (1.0, 2.0, 2.0, 3.0, 9.0)).spread > 0
+
+
+def test_spread_of_few_samples_is_measured_not_zero():
+    """Two or three samples (a slow candidate on CPU) still say how noisy they were."""
+    assert Timing(2.0, (1.0, 2.0, 3.0)).spread == pytest.approx(0.5)
+    assert Timing(2.0, (1.0, 3.0)).spread == pytest.approx(0.5)
+    assert Timing(2.0, (2.0,)).spread == 0.0
+
+
+def test_time_cuda_keeps_every_do_bench_sample(monkeypatch):
+    testing = pytest.importorskip("triton.testing")
+    calls = []
+
+    def do_bench(fn, *, warmup, rep, return_mode):
+        calls.append(return_mode)
+        return [1.0, 1.0, 1.2, 3.0, 1.1]
+
+    monkeypatch.setattr(testing, "do_bench", do_bench)
+    t = time_cuda(lambda: None)
+    assert calls == ["all"] and t.ms == 1.1 and len(t.samples) == 5 and t.spread > 0

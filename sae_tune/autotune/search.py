@@ -46,6 +46,21 @@ class CandidateFailed(Exception):
     """A candidate crashed or returned a wrong result: the trial fails, the search continues."""
 
 
+class TuneError(RuntimeError):
+    """A batch size cannot be tuned at all (the dense product itself failed); the message says why."""
+
+
+class WorkloadTooLarge(ValueError):
+    """The activations of one batch size do not fit on the device; the message names the batch size."""
+
+
+def spread_of(timing: Timing | None) -> float | None:
+    """The relative IQR of a timing's samples, or None where there is no timing or a single sample."""
+    if timing is None or len(timing.samples) < 2:
+        return None
+    return timing.spread
+
+
 @dataclass(frozen=True)
 class TuneResult:
     """What one batch size's search found."""
@@ -107,17 +122,36 @@ class Workload:
 
 
 def optuna_storage(url: str | None) -> optuna.storages.BaseStorage | None:
-    """``None`` (in memory), ``journal:PATH`` / a ``.log``/``.journal`` path, or a database URL."""
+    """``None`` (in memory), ``journal:PATH`` / a ``.log``/``.journal`` path, or a database URL.
+
+    Raises ValueError naming the URL and what is wrong with it (unknown scheme, missing driver, a folder
+    that does not exist, a database that cannot be opened), so that callers can report it as a usage error.
+    """
     if url is None:
         return None
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        path = url.removeprefix("journal:")
+        if not path:
+            raise ValueError(f"--storage {url!r}: give a file after journal:, such as journal:study.log")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"--storage {url!r}: no such directory: {parent}")
+        if os.path.isdir(path):
+            raise ValueError(f"--storage {url!r}: {path} is a directory; give a file name")
+        try:
+            return JournalStorage(JournalFileBackend(path))
+        except OSError as exc:
+            raise ValueError(f"--storage {url!r}: cannot open the journal file: {exc}") from exc
     if "://" in url:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        )
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+            )
+        except Exception as exc:  # unknown dialect, missing driver, unreachable server, unopenable file
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"--storage {url!r}: cannot open this database: {reason}") from exc
     raise ValueError(f"--storage {url!r}: use journal:PATH or a database URL such as sqlite:///study.db")
 
 
@@ -140,15 +174,20 @@ class Tuner:
         store: Store,
         acts: torch.Tensor | None = None,
         seed: int = 0,
-        storage: str | None = None,
+        storage: str | optuna.storages.BaseStorage | None = None,
         progress: Callable[[int, str], Any] | None = None,
+        phase: Callable[[str], Any] | None = None,
+        retune: bool = False,
     ) -> None:
         self.spec, self.device, self.dtype, self.store = spec, torch.device(device), dtype, store
         self.info = describe_device(self.device)
         self.seed = seed
         self.real_acts = acts
-        self.storage = optuna_storage(storage)
+        self.storage = optuna_storage(storage) if storage is None or isinstance(storage, str) else storage
         self.progress = progress
+        self.phase = phase  # told each phase of a batch size (baselines, search, final re-timing)
+        self.retune = retune  # forget what is stored for a key before tuning it (once per key)
+        self._forgotten: set[CacheKey] = set()
         self.W_dec, self.b_dec = random_weights(
             spec.width, spec.d_model, dtype=dtype, device=self.device, seed=seed
         )
@@ -158,6 +197,10 @@ class Tuner:
 
     def _synthetic(self, n: int, seed: int) -> torch.Tensor:
         return synthetic_acts(self.spec, n, dtype=self.dtype, device=self.device, seed=seed)
+
+    def _say(self, message: str) -> None:
+        if self.phase is not None:
+            self.phase(message)
 
     def workload(self, batch_size: int) -> Workload:
         if self.real_acts is None:
@@ -197,29 +240,40 @@ class Tuner:
     def tune_batch(
         self, batch_size: int, *, trials: int = 20, time_budget: float | None = None
     ) -> TuneResult:
-        work = self.workload(batch_size)
+        try:
+            work = self.workload(batch_size)
+        except (RuntimeError, MemoryError) as exc:  # out of memory for B x F activations
+            raise WorkloadTooLarge(
+                f"batch size {batch_size}: the workload ({batch_size} x {self.spec.width} activations) "
+                f"cannot be built on {self.device}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            ) from exc
         stats = calibrate_l0(work.acts)
         key = self.key(batch_size, self.l0.mean)  # the calibration sample's L0, not this batch's
         space = search_space(self.spec, key.batch_bucket, self.dtype, self.device, self.max_l0s)
         name = study_name(key)
+        if self.retune and key not in self._forgotten:
+            self._forget(key, name)
         measured: dict[Candidate, float] = {}
         failures: dict[Candidate, str] = {}
         failed = 0
 
-        def record(cand: Candidate, ms: float | None, error: str | None, number: int | None) -> None:
+        def record(cand: Candidate, timing: Timing | None, error: str | None, number: int | None) -> None:
             self.store.record_trial(
                 key,
                 cand.impl,
                 cand.config,
-                ms,
+                None if timing is None else timing.ms,
                 ok=error is None,
                 error=error,
                 study=name,
                 trial_number=number,
+                spread=spread_of(timing),
             )
 
         baselines: dict[str, float] = {}
-        for cand in library_baselines(self.dtype, self.device):
+        library = library_baselines(self.dtype, self.device)
+        self._say(f"B={batch_size}: baselines ({len(library)} library paths)")
+        for cand in library:
             try:
                 timing = self.measure(cand, work)
             except CandidateFailed as exc:
@@ -228,10 +282,14 @@ class Tuner:
                 failed += 1
                 continue
             baselines[cand.impl] = measured[cand] = timing.ms
-            record(cand, timing.ms, None, None)
-            self.store.record_baseline(key, cand.impl, timing.ms)
+            record(cand, timing, None, None)
+            self.store.record_baseline(key, cand.impl, timing.ms, spread=spread_of(timing))
         if "dense" not in baselines:
-            raise RuntimeError("the dense product failed on this workload; nothing can be tuned against it")
+            reason = failures.get(Candidate.of("dense", {}), "unknown")
+            raise TuneError(
+                f"batch size {batch_size}: the dense product failed on this workload ({reason}); "
+                "nothing can be tuned against it"
+            )
 
         with warnings.catch_warnings():  # multivariate TPE with groups suits a conditional space
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -252,15 +310,15 @@ class Tuner:
                 raise CandidateFailed(f"failed before: {failures[cand]}")
             trial.set_user_attr("candidate", cand.label)
             try:
-                ms = self.measure(cand, work).ms
+                timing = self.measure(cand, work)
             except CandidateFailed as exc:
                 failed += 1
                 failures[cand] = str(exc)
                 record(cand, None, str(exc), trial.number)
                 raise
-            record(cand, ms, None, trial.number)
-            measured[cand] = ms
-            return ms
+            record(cand, timing, None, trial.number)
+            measured[cand] = timing.ms
+            return timing.ms
 
         def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             if self.progress is not None:
@@ -269,6 +327,8 @@ class Tuner:
             if len(measured) + len(failures) >= space.size():
                 study.stop()  # every candidate has been tried: more trials would only repeat them
 
+        budget = f"{trials} trials" + (f" or {time_budget:g} s" if time_budget is not None else "")
+        self._say(f"B={batch_size}: search ({budget}, {space.size()} candidates)")
         study.optimize(
             objective,
             n_trials=trials,
@@ -277,17 +337,41 @@ class Tuner:
             callbacks=[on_trial],
             gc_after_trial=False,
         )
+        self._say(f"B={batch_size}: final re-timing (up to {FINALISTS} best and the baselines, interleaved)")
         best, final = self._final(measured, work, baselines)
-        final_baselines = {impl: final[Candidate.of(impl, {})] for impl in baselines}
+        final_baselines = {impl: final[Candidate.of(impl, {})].ms for impl in baselines}
         dense_ms = final_baselines["dense"]
-        self.store.set_winner_if_faster(key, best.impl, best.config, final[best], dense_ms)
-        return TuneResult(
-            batch_size, key, best, final[best], dense_ms, final_baselines, len(measured), failed, stats, name
+        self.store.set_winner_if_faster(
+            key, best.impl, best.config, final[best].ms, dense_ms, spread=spread_of(final[best])
         )
+        self._say(f"B={batch_size}: done, {best.label} {final[best].ms:.3f} ms (dense {dense_ms:.3f} ms)")
+        return TuneResult(
+            batch_size,
+            key,
+            best,
+            final[best].ms,
+            dense_ms,
+            final_baselines,
+            len(measured),
+            failed,
+            stats,
+            name,
+        )
+
+    def _forget(self, key: CacheKey, name: str) -> None:
+        """--retune: drop what is stored for ``key`` and its old Optuna study, so old timings are gone."""
+        self._forgotten.add(key)
+        removed = self.store.forget_key(key)
+        if self.storage is not None:
+            try:
+                optuna.delete_study(study_name=name, storage=self.storage)
+            except KeyError:  # no study of that name yet
+                pass
+        self._say(f"B={key.batch_bucket} bucket: --retune removed {removed} stored record(s) of this key")
 
     def _final(
         self, measured: dict[Candidate, float], work: Workload, baselines: Iterable[str]
-    ) -> tuple[Candidate, dict[Candidate, float]]:
+    ) -> tuple[Candidate, dict[Candidate, Timing]]:
         """Re-time the finalists and the baselines interleaved, so that every ratio comes from one run."""
         finalists = sorted(measured, key=measured.__getitem__)[:FINALISTS]
         for impl in baselines:
@@ -296,8 +380,8 @@ class Tuner:
         fns = {c: c.build() for c in finalists}
         runs = {c.label: (lambda fn=fns[c]: work.run(fn)) for c in finalists}
         timings = time_interleaved(runs, self.device)
-        by_cand = {c: timings[c.label].ms for c in finalists}
-        best = min(by_cand, key=by_cand.__getitem__)
+        by_cand = {c: timings[c.label] for c in finalists}
+        best = min(by_cand, key=lambda c: by_cand[c].ms)
         return best, by_cand
 
     def _warm_starts(self, space: SearchSpace, key: CacheKey) -> Iterable[dict[str, Any]]:

@@ -23,11 +23,13 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        """Interquartile range relative to the median: how noisy the measurement was."""
-        if len(self.samples) < 4:
+        """Interquartile range relative to the median: how noisy the measurement was (0.0 for a single
+        sample, which shows no spread; callers that store it should store None there instead)."""
+        if len(self.samples) < 2 or not self.ms:
             return 0.0
-        q = statistics.quantiles(self.samples, n=4)
-        return (q[2] - q[0]) / self.ms if self.ms else 0.0
+        method = "exclusive" if len(self.samples) >= 4 else "inclusive"  # few samples: stay in range
+        q = statistics.quantiles(self.samples, n=4, method=method)
+        return (q[2] - q[0]) / self.ms
 
 
 def time_cpu(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 15, budget_s: float = 2.0) -> Timing:
@@ -46,11 +48,12 @@ def time_cpu(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 15, bud
 
 
 def time_cuda(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> Timing:
-    """Triton's do_bench median (it flushes L2 between runs and synchronizes)."""
+    """Median of Triton's do_bench samples (it flushes L2 between runs and synchronizes); every sample
+    is kept so that the spread of the measurement is known."""
     from triton.testing import do_bench
 
-    ms = float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    return Timing(ms, (ms,))
+    samples = [float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all")]
+    return Timing(statistics.median(samples), tuple(samples))
 
 
 def time_fn(fn: Callable[[], object], device: torch.device | str) -> Timing:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import click
+
+from sae_tune.cli.options import DeviceType
 
 
 @click.command("bench")
 @click.option(
     "--device",
-    type=click.Choice(["cpu", "cuda"]),
+    type=DeviceType(indexed=False),
     default=None,
     help="Where to measure [default: cuda if available, else cpu].",
 )
@@ -34,8 +38,7 @@ def bench_command(device: str | None, quick: bool, out_dir: str) -> None:
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda: no CUDA device is available here")
+    _check_out_dir(out_dir)  # before minutes of measuring, not after
     config = QUICK if quick else FULL
     started = time.perf_counter()
 
@@ -43,9 +46,25 @@ def bench_command(device: str | None, quick: bool, out_dir: str) -> None:
         click.echo(f"[{time.perf_counter() - started:6.1f} s] {message}", err=True)
 
     result = run_bench(config, device, log=log)
-    files = write_outputs(result, out_dir)
+    try:
+        files = write_outputs(result, out_dir)
+    except OSError as exc:
+        raise click.ClickException(f"--out {out_dir}: cannot write the results: {exc}") from exc
     click.echo(summary_section(result))
     click.echo("")
     for path in files:
         click.echo(f"wrote {path}")
     click.echo(f"{config.name} run on {result.stamp.device}: {time.perf_counter() - started:.0f} s")
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """--out must be a folder this process can create and write into."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot create {out_dir}: {exc.strerror or exc}", param_hint="'--out'"
+        ) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{out_dir} is not writable", param_hint="'--out'")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 
 import click
@@ -20,7 +21,10 @@ def show_kernel(variant: Variant, show_path: bool) -> None:
     from sae_tune.templates.render import render, write_module
 
     if show_path:
-        click.echo(write_module(variant))
+        try:
+            click.echo(write_module(variant))
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the generated kernel: {exc}") from exc
     else:
         click.echo(render(variant), nl=False)
 
@@ -57,19 +61,31 @@ def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as
 
     bad = [a for a in archs if a not in ARCHS]
     if bad:
-        raise click.UsageError(f"unknown --arch {', '.join(bad)}; choose from {', '.join(ARCHS)}")
+        raise click.BadParameter(
+            f"unknown {', '.join(bad)}; choose from {', '.join(ARCHS)}", param_hint="'--arch'"
+        )
+    space = Variant.search_space(F, D, DTYPES[dtype])
+    if not space:
+        raise click.UsageError(f"--width {F} --d-model {D}: the default space has no variant for this shape")
     if not triton_installed():
         raise click.ClickException("compile-check needs triton (pip install triton, Linux)")
     if interpreter_active():
         raise click.ClickException("compile-check needs real Triton kernels: unset TRITON_INTERPRET")
-    space = Variant.search_space(F, D, DTYPES[dtype])
+    tty = sys.stderr.isatty()
+    started = time.perf_counter()
     results = []
     for arch in archs:
 
         def bar(items, arch=arch):
-            return tqdm(items, desc=f"compile {arch}", unit="variant", disable=not sys.stderr.isatty())
+            return tqdm(items, desc=f"compile {arch}", unit="variant", disable=not tty)
 
+        if not tty:  # no bar off a terminal: a line per architecture instead
+            click.echo(
+                f"[{time.perf_counter() - started:6.1f} s] compile {arch}: {len(space)} variants", err=True
+            )
         results += compile_check(space, arch, DTYPES[dtype], progress=bar)
+    if not tty:
+        click.echo(f"[{time.perf_counter() - started:6.1f} s] compile-check done", err=True)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=1))
     else:

@@ -22,9 +22,21 @@ def main(ctx: click.Context, **options) -> None:
     With --sae (or --width/--d-model/--l0) it tunes that SAE shape on the local device, stores every
     measurement in the cache and prints the winners: `sae-tune --sae gemma-2b-l20`.
     """
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    given = [
+        flags[name]
+        for name in options
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    ]
     if ctx.invoked_subcommand is not None:
+        if given:  # options of the main job would be ignored by a subcommand: refuse them
+            raise click.UsageError(
+                f"option(s) of the main job (sae-tune --sae ...) given to `sae-tune "
+                f"{ctx.invoked_subcommand}`, which does not use them: {', '.join(given)}; "
+                "put a subcommand's options after its name"
+            )
         return
-    if options["sae"] is None and options["width"] is None:
+    if not given:
         click.echo(ctx.get_help())
         return
     run_tune(**options)

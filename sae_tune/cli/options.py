@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,9 @@ def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             kwargs["variant"] = Variant(**values)
         except (TypeError, ValueError) as exc:
-            raise click.UsageError(str(exc)) from exc
+            field = re.match(r"Variant\.(\w+)", str(exc))
+            hint = "'--" + field.group(1).replace("_", "-") + "'" if field else None
+            raise click.BadParameter(str(exc), param_hint=hint) from exc
         return command(**kwargs)
 
     for option in reversed(fields):
@@ -51,3 +54,38 @@ def dtype_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)(
         command
     )
+
+
+def available_devices(*, indexed: bool = True) -> list[str]:
+    """The devices this machine has: cpu, and cuda (with cuda:N per GPU when ``indexed``) if present."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names.append("cuda")
+        if indexed:
+            names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return names
+
+
+class DeviceType(click.ParamType):
+    """A device that exists here (checked when the option is parsed, so a typo is a usage error)."""
+
+    name = "device"
+
+    def __init__(self, *, indexed: bool = True) -> None:
+        self.indexed = indexed
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[cpu|cuda" + ("|cuda:N]" if self.indexed else "]")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if isinstance(value, torch.device):
+            value = str(value)
+        text = str(value).strip().lower()
+        choices = available_devices(indexed=self.indexed)
+        if text in choices:
+            return text
+        if text == "cuda" or (self.indexed and re.fullmatch(r"cuda:\d+", text)):
+            if not torch.cuda.is_available():
+                self.fail(f"{value!r}: no CUDA device is available here; choose from: {', '.join(choices)}")
+            self.fail(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        self.fail(f"{value!r} is not a device here; choose from: {', '.join(choices)}")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 
-from sae_tune.cli.options import DTYPES
+from sae_tune.cli.options import DTYPES, DeviceType
 
 TABLE_HEADERS = (
     "batch",
@@ -23,31 +28,108 @@ TABLE_HEADERS = (
 )
 
 
-def resolve_spec(
-    sae: str | None, width: int | None, d_model: int | None, l0: int | None, arch: str, k: int | None
-):
-    """A preset name, a local SAELens directory, or an explicit shape."""
-    from sae_tune.specs import SpecError, get_spec, spec_from_saelens_dir, spec_from_shape
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """The SAE to tune and where its L0 came from (``l0_assumed``: not stated by its source)."""
 
+    spec: Any  # sae_tune.specs.SAESpec (imported lazily: the CLI starts fast)
+    l0_source: str
+    l0_assumed: bool = False
+
+
+def looks_like_path(value: str) -> bool:
+    """A --sae value is a folder when it has a path separator or starts with . or ~; else a preset."""
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return any(sep in value for sep in seps) or value.startswith((".", "~"))
+
+
+def stderr_is_terminal() -> bool:
+    """Progress shows as a bar on a terminal, else as a line per phase (logs, CI, pipes)."""
+    return sys.stderr.isatty()
+
+
+def _bad(option: str, message: str) -> click.BadParameter:
+    return click.BadParameter(message, param_hint=f"'{option}'")
+
+
+def resolve_spec(
+    sae: str | None,
+    width: int | None,
+    d_model: int | None,
+    l0: int | None,
+    arch: str | None,
+    k: int | None,
+) -> ResolvedSpec:
+    """A preset name, a local SAELens directory, or an explicit shape; options that do not apply to the
+    SAE chosen are refused, never ignored."""
+    from sae_tune.specs import SpecError, get_spec, read_saelens_dir, spec_from_shape
+
+    if sae is None:
+        try:
+            return _explicit_shape(width, d_model, l0, arch, k, spec_from_shape)
+        except SpecError as exc:
+            raise click.UsageError(str(exc)) from exc
+    if width is not None or d_model is not None:
+        raise click.UsageError(
+            "give either --sae or --width/--d-model, not both (--sae already fixes the shape)"
+        )
     try:
-        if sae is not None:
-            if width is not None or d_model is not None:
-                raise click.UsageError("give either --sae or --width/--d-model, not both")
-            if Path(sae).is_dir():
-                return spec_from_saelens_dir(sae, l0=l0)
-            spec = get_spec(sae)
-            return (
-                spec
-                if l0 is None
-                else spec_from_shape(
-                    spec.width, spec.d_model, l0, spec.arch, spec.k, name=f"{spec.name}-l0-{l0}"
-                )
-            )
-        if width is None or d_model is None or l0 is None:
-            raise click.UsageError("give --sae NAME|DIR, or all of --width, --d-model and --l0")
-        return spec_from_shape(width, d_model, l0, arch, k)
-    except (SpecError, KeyError, ValueError) as exc:
-        raise click.UsageError(str(exc).strip("'\"")) from exc
+        if looks_like_path(sae) or Path(sae).is_dir():
+            path = Path(sae).expanduser()
+            if not path.exists():
+                raise _bad("--sae", f"no such directory: {sae}")
+            if not path.is_dir():
+                raise _bad("--sae", f"not a directory: {sae} (a local SAELens SAE is a folder with cfg.json)")
+            spec, origin = read_saelens_dir(path)
+            resolved = ResolvedSpec(spec, f"{path / 'cfg.json'}: {origin.source}", origin.assumed)
+        else:
+            resolved = ResolvedSpec(get_spec(sae), f"preset {sae.strip().lower()}")
+    except SpecError as exc:
+        raise _bad("--sae", str(exc)) from exc
+    return _apply_overrides(resolved, l0, arch, k, spec_from_shape)
+
+
+def _explicit_shape(width, d_model, l0, arch, k, spec_from_shape) -> ResolvedSpec:
+    arch = arch or "jumprelu"
+    if k is not None and arch != "topk":
+        raise _bad("--k", f"--k applies to TopK SAEs (--arch topk), not --arch {arch}")
+    if arch == "topk" and l0 is None:
+        l0 = k  # a TopK SAE fires exactly k per token
+    if arch == "topk" and k is not None and l0 != k:
+        raise _bad("--l0", f"a TopK SAE fires exactly k={k} per token; leave --l0 out or equal to --k")
+    if width is None or d_model is None or l0 is None:
+        raise click.UsageError("give --sae NAME|DIR, or all of --width, --d-model and --l0")
+    if k is not None and k > width:
+        raise _bad("--k", f"--k {k} exceeds --width {width}")
+    if l0 > width:
+        raise _bad("--l0", f"--l0 {l0} exceeds --width {width} (at most every feature fires)")
+    return ResolvedSpec(spec_from_shape(width, d_model, l0, arch, k), "--l0" if arch != "topk" else "--k")
+
+
+def _apply_overrides(resolved: ResolvedSpec, l0, arch, k, spec_from_shape) -> ResolvedSpec:
+    """--arch must agree with the SAE's own; --k only for TopK (it sets L0 too); --l0 for the others."""
+    spec = resolved.spec
+    if arch is not None and arch != spec.arch:
+        raise _bad("--arch", f"{spec.name} is a {spec.arch} SAE, not {arch}; leave --arch out with --sae")
+    if k is not None:
+        if spec.arch != "topk":
+            raise _bad("--k", f"--k applies to TopK SAEs; {spec.name} is a {spec.arch} SAE")
+        if l0 is not None and l0 != k:
+            raise _bad("--l0", f"a TopK SAE fires exactly k per token; --l0 {l0} contradicts --k {k}")
+        if k > spec.width:
+            raise _bad("--k", f"--k {k} exceeds the width of {spec.name} ({spec.width})")
+        if k != spec.k:
+            spec = spec_from_shape(spec.width, spec.d_model, k, "topk", k, name=f"{spec.name}-k-{k}")
+        return ResolvedSpec(spec, "--k")
+    if l0 is not None:
+        if spec.arch == "topk":
+            raise _bad("--l0", f"{spec.name} is a TopK SAE: its L0 is k={spec.k}; set --k to change it")
+        if l0 > spec.width:
+            raise _bad("--l0", f"--l0 {l0} exceeds the width of {spec.name} ({spec.width})")
+        if l0 != spec.l0:
+            spec = spec_from_shape(spec.width, spec.d_model, l0, spec.arch, name=f"{spec.name}-l0-{l0}")
+        return ResolvedSpec(spec, "--l0")
+    return resolved
 
 
 def _ratio(x: float | None) -> str:
@@ -73,13 +155,18 @@ def format_table(results) -> str:
     return tabulate(rows, headers=TABLE_HEADERS, tablefmt="github")
 
 
+def _cache_error(cache: str | None, exc: Exception) -> click.BadParameter:
+    hint = "'--cache'" if cache is not None else "'--cache' (default from SAE_TUNE_CACHE or the user cache)"
+    return click.BadParameter(str(exc), param_hint=hint)
+
+
 def run_tune(
     *,
     sae: str | None,
     width: int | None,
     d_model: int | None,
     l0: int | None,
-    arch: str,
+    arch: str | None,
     k: int | None,
     device: str | None,
     dtype: str,
@@ -91,61 +178,76 @@ def run_tune(
     storage: str | None,
     seed: int,
     as_json: bool,
+    retune: bool = False,
 ) -> None:
-    from tqdm import tqdm
-
-    from sae_tune.autotune.search import Tuner, default_batch_sizes, quiet_optuna
+    from sae_tune.autotune.search import (
+        TuneError,
+        WorkloadTooLarge,
+        default_batch_sizes,
+        optuna_storage,
+        quiet_optuna,
+    )
     from sae_tune.autotune.workload import WorkloadError, load_acts
     from sae_tune.cache.store import CacheError, Store
 
-    spec = resolve_spec(sae, width, d_model, l0, arch, k)
+    started = time.perf_counter()
+    resolved = resolve_spec(sae, width, d_model, l0, arch, k)
+    spec = resolved.spec
+    if resolved.l0_assumed:
+        click.echo(f"note: {resolved.l0_source}; assumed L0={spec.l0} (give --l0 to set it)", err=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda: no CUDA device is available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise click.UsageError(f"--device {dev}: only cpu and cuda are supported")
     sizes = batch_sizes or default_batch_sizes(dev)
     acts = None
     if acts_path is not None:
         try:
             acts = load_acts(acts_path, width=spec.width)
         except WorkloadError as exc:
-            raise click.UsageError(str(exc)) from exc
+            raise _bad("--acts", str(exc)) from exc
+    try:
+        study_storage = optuna_storage(storage)
+    except ValueError as exc:
+        raise _bad("--storage", str(exc).removeprefix(f"--storage {storage!r}: ")) from exc
     quiet_optuna()
+    show_bar = stderr_is_terminal()
+
+    def phase(message: str) -> None:
+        if not show_bar:
+            click.echo(f"[{time.perf_counter() - started:7.1f} s] {message}", err=True)
+
     try:
         store = Store(cache)
-    except CacheError as exc:
-        raise click.ClickException(str(exc)) from exc
-    show_bar = sys.stderr.isatty() and not as_json
+    except (CacheError, sqlite3.Error) as exc:
+        raise _cache_error(cache, exc) from exc
     results = []
-    with store:
-        try:
-            tuner = Tuner(
-                spec, device=dev, dtype=DTYPES[dtype], store=store, acts=acts, seed=seed, storage=storage
-            )
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
-        if not as_json:
-            click.echo(
-                f"{spec.name}: F={spec.width} D={spec.d_model} L0~{spec.l0} ({spec.arch}) on "
-                f"{tuner.info.name} [{dev.type}], {dtype}; workload L0 mean {tuner.l0.mean:.1f}, "
-                f"p99 {tuner.l0.p99}, max {tuner.l0.max}; cache {store.path}"
-            )
-        for b in sizes:
-            with tqdm(total=trials, desc=f"B={b}", unit="trial", disable=not show_bar, leave=False) as bar:
-                tuner.progress = lambda n, best: (bar.update(n), bar.set_postfix_str(best))
-                results.append(tuner.tune_batch(b, trials=trials, time_budget=time_budget))
+    try:
+        with store:
+            results, tuner = _tune_sizes(
+                spec, dev, dtype, store, acts, seed, study_storage, retune, sizes, trials, time_budget,
+                as_json, show_bar, phase,
+            )  # fmt: skip
+    except (CacheError, sqlite3.Error) as exc:
+        raise _cache_error(cache, exc) from exc
+    except WorkloadTooLarge as exc:
+        raise _bad("--batch-size", str(exc)) from exc
+    except TuneError as exc:
+        raise click.ClickException(str(exc)) from exc
     if as_json:
         payload = {
             "sae": spec.name,
             "F": spec.width,
             "D": spec.d_model,
+            "l0": spec.l0,
+            "l0_source": resolved.l0_source,
+            "l0_assumed": resolved.l0_assumed,
+            "arch": spec.arch,
             "device": tuner.info.name,
             "device_kind": dev.type,
             "dtype": dtype,
             "torch": tuner.info.torch_version,
             "triton": tuner.info.triton_version,
             "cache": str(store.path),
+            "retune": retune,
+            "seconds": round(time.perf_counter() - started, 1),
             "results": [r.to_json() for r in results],
         }
         click.echo(json.dumps(payload, indent=1))
@@ -154,18 +256,78 @@ def run_tune(
         click.echo("ms: median wall-clock time per decode, re-timed interleaved with dense in one run.")
 
 
+def _tune_sizes(
+    spec, dev, dtype, store, acts, seed, study_storage, retune, sizes, trials, time_budget, as_json,
+    show_bar, phase,
+):  # fmt: skip
+    """Build the tuner and tune each batch size; progress goes to stderr (a bar on a terminal, else
+    a line per phase), never to stdout, which holds only the table or the JSON."""
+    from tqdm import tqdm
+
+    from sae_tune.autotune.search import Tuner
+
+    try:
+        tuner = Tuner(
+            spec,
+            device=dev,
+            dtype=DTYPES[dtype],
+            store=store,
+            acts=acts,
+            seed=seed,
+            storage=study_storage,
+            phase=phase,
+            retune=retune,
+        )
+    except (RuntimeError, MemoryError) as exc:  # W_dec of this shape does not fit on the device
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise click.UsageError(
+            f"--width {spec.width} x --d-model {spec.d_model}: the SAE weights cannot be built on "
+            f"{dev}: {first}"
+        ) from exc
+    if not as_json:
+        click.echo(
+            f"{spec.name}: F={spec.width} D={spec.d_model} L0~{spec.l0} ({spec.arch}) on "
+            f"{tuner.info.name} [{dev.type}], {dtype}; workload L0 mean {tuner.l0.mean:.1f}, "
+            f"p99 {tuner.l0.p99}, max {tuner.l0.max}; cache {store.path}"
+        )
+    phase(f"{spec.name} on {tuner.info.name}: batch sizes {', '.join(map(str, sizes))}, {trials} trials each")
+    results = []
+    for b in sizes:
+        with tqdm(total=trials, desc=f"B={b}", unit="trial", disable=not show_bar, leave=False) as bar:
+            tuner.progress = lambda n, best: (bar.update(n), bar.set_postfix_str(best))
+            if show_bar:
+                tuner.phase = lambda message: bar.set_description_str(message)
+            results.append(tuner.tune_batch(b, trials=trials, time_budget=time_budget))
+    return results, tuner
+
+
 def tune_options(command):
     """Options of the main job (on the ``sae-tune`` group itself)."""
     options = [
-        click.option("--sae", help="Preset name (see `sae-tune list`) or a local SAELens directory."),
+        click.option(
+            "--sae",
+            help="Preset name (see `sae-tune list`) or a local SAELens directory (a value with a path "
+            "separator or starting with . or ~ is always a directory).",
+        ),
         click.option("--width", type=click.IntRange(1), help="SAE width F (with --d-model and --l0)."),
         click.option("--d-model", type=click.IntRange(1), help="Model dimension D."),
-        click.option("--l0", type=click.IntRange(1), help="Mean non-zero features per token."),
         click.option(
-            "--arch", type=click.Choice(["jumprelu", "topk", "relu"]), default="jumprelu", show_default=True
+            "--l0",
+            type=click.IntRange(1),
+            help="Mean non-zero features per token (with --sae: overrides the SAE's own L0).",
+        ),
+        click.option(
+            "--arch",
+            type=click.Choice(["jumprelu", "topk", "relu"]),
+            default=None,
+            help="Architecture of an explicit shape [default: jumprelu]; with --sae it must match.",
         ),
         click.option("--k", type=click.IntRange(1), help="TopK only: features kept per token."),
-        click.option("--device", help="cpu or cuda [default: cuda if available, else cpu]."),
+        click.option(
+            "--device",
+            type=DeviceType(),
+            help="cpu, cuda or cuda:N [default: cuda if available, else cpu].",
+        ),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True),
         click.option(
             "--batch-size",
@@ -194,7 +356,13 @@ def tune_options(command):
         ),
         click.option("--cache", type=click.Path(), help="SQLite cache file [env SAE_TUNE_CACHE]."),
         click.option("--storage", help="Optuna storage shared by processes: journal:PATH or a database URL."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--retune",
+            is_flag=True,
+            help="Forget the stored trials, baselines and winner of each key tuned (and its Optuna study "
+            "in --storage) and measure afresh.",
+        ),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a results list."),
     ]
     for option in reversed(options):

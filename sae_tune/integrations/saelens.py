@@ -1,4 +1,4 @@
-"""SAELens: the decoder matmul of JumpReLU, TopK and standard (ReLU) SAEs goes through the dispatcher.
+"""SAELens: the decoder matmul of JumpReLU, TopK, standard (ReLU) and gated SAEs goes through the dispatcher.
 
 Studied in sae-lens 6.x (``sae_lens/saes/*.py``): ``decode`` computes ``feature_acts @ self.W_dec +
 self.b_dec`` inline (TopK through ``act_times_W_dec``, the same matmul), then ``hook_sae_recons``,
@@ -28,6 +28,8 @@ DECODE_CLASSES = {
     "sae_lens.saes.standard_sae": ("StandardSAE",),
     "sae_lens.saes.jumprelu_sae": ("JumpReLUSAE",),
     "sae_lens.saes.topk_sae": ("TopKSAE",),
+    # GatedSAE gates in its encoder only; its decode is the standard SAE's (matmul + b_dec, then hooks)
+    "sae_lens.saes.gated_sae": ("GatedSAE",),
 }
 TOPK_ACTIVATION = ("sae_lens.saes.topk_sae", "TopK")
 ORIGINAL = "__sae_tune_original__"
