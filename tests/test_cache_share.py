@@ -105,16 +105,21 @@ def test_export_filters_by_device(store):
     assert out["records"][0]["provenance"]["host_kind"]
 
 
-def test_merge_keeps_the_fastest(tmp_path, store):
+def test_merge_keeps_local_measurements_and_the_fastest_import(tmp_path, store):
     key = CacheKey(**GPU)
-    store.set_winner_if_faster(key, "dense", {}, 0.01)  # local winner faster than the file's
+    store.set_winner_if_faster(key, "dense", {}, 0.01)  # measured here, faster than the file's
     slow_key = CacheKey(**{**GPU, "batch_bucket": 64})
-    store.set_winner_if_faster(slow_key, "dense", {}, 9.0)  # local winner slower than the file's
+    store.set_winner_if_faster(slow_key, "dense", {}, 9.0)  # measured here, slower than the file's
     path = tmp_path / "in.json"
     path.write_text(json.dumps(payload(good_records())))
-    assert import_file(store, path).updated == 2
-    assert store.winner(key).impl == "dense" and store.winner(key).ms == 0.01
-    assert store.winner(slow_key).ms == 0.3 and store.winner(slow_key).provenance.source == "imported"
+    result = import_file(store, path)
+    assert (result.updated, result.kept_local) == (1, 2)  # only the CPU key had no local measurement
+    assert store.winner(key).ms == 0.01 and store.winner(slow_key).ms == 9.0
+    assert {w.provenance.source for w in store.winners()} == {"measured", "imported"}
+    faster = tmp_path / "faster.json"
+    faster.write_text(json.dumps(payload([record(**{**CPU, "impl": "dense", "config": {}, "ms": 1.0})])))
+    assert import_file(store, faster).updated == 1  # among imported records the fastest wins
+    assert store.winner(CacheKey(**CPU)).provenance.source == "imported"
 
 
 def test_duplicate_keys_in_one_file_keep_the_fastest(tmp_path, store):
@@ -291,7 +296,7 @@ JSON = st.recursive(
 
 
 @settings(max_examples=150, deadline=None, database=None)
-@given(field=st.sampled_from(share.RECORD_FIELDS), value=JSON)
+@given(field=st.sampled_from((*share.RECORD_FIELDS, *share.OPTIONAL_RECORD_FIELDS)), value=JSON)
 def test_fuzzed_field_is_accepted_or_cleanly_rejected(field, value):
     """Any JSON value in any field either validates, or raises ConfigFileError naming that field."""
     rec = record(**{field: value})

@@ -39,11 +39,15 @@ def test_export_import_round_trip_into_an_empty_cache(tmp_path):
     assert "0 winners updated" in run("cache", "import", "--cache", str(dst), str(out)).output
 
 
-def test_export_of_one_device(tmp_path):
+def test_export_of_one_device_ignores_case_and_refuses_unknown_names(tmp_path):
     src = populated(tmp_path / "src.sqlite")
-    out = tmp_path / "none.json"
-    assert run("cache", "export", "--cache", str(src), "--device", "Other GPU", "-o", str(out)).exit_code == 0
-    assert json.loads(out.read_text())["records"] == []
+    out = tmp_path / "one.json"
+    assert run("cache", "export", "--cache", str(src), "--device", "test gpu", "-o", str(out)).exit_code == 0
+    assert {r["device_name"] for r in json.loads(out.read_text())["records"]} == {"Test GPU"}
+    none = tmp_path / "none.json"
+    result = run("cache", "export", "--cache", str(src), "--device", "Other GPU", "-o", str(none))
+    assert result.exit_code == 2 and "'Other GPU'" in result.output and "'Test GPU'" in result.output
+    assert not none.exists() and "Traceback" not in result.output
 
 
 def test_hostile_and_malformed_files_are_rejected_and_store_nothing(tmp_path):
@@ -85,6 +89,7 @@ def test_show_and_clear(tmp_path):
     src = populated(tmp_path / "src.sqlite")
     shown = run("cache", "show", "--cache", str(src))
     assert shown.exit_code == 0 and "embedding_bag_csr" in shown.output and "20.00x" in shown.output
+    assert "L0 bucket" in shown.output and "batch bucket" in shown.output
     as_json = json.loads(run("cache", "show", "--cache", str(src), "--json").output)
     assert as_json["winners"] == 2 and len(as_json["winners_list"]) == 2
     assert run("cache", "clear", "--cache", str(src), "--yes").exit_code == 0

@@ -3,11 +3,14 @@
 An imported file comes from someone else and its configs steer which code runs here, so it is treated as
 hostile: size-capped, strictly parsed (no NaN, no duplicate keys), and validated field by field (exact key
 sets, exact types, ranges, known impl names, triton configs through ``Variant.from_dict``) before anything
-is stored. A file is stored all or nothing, in one transaction; merging keeps the fastest per key.
+is stored. A file is stored all or nothing, in one transaction. Only regular files are read (a FIFO or
+device never blocks the process). Merging never replaces a time measured here: imported records fill keys
+without a measured winner (the fastest per key among them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -22,12 +25,17 @@ from sae_tune.cache.store import (
     PROVENANCE_FIELDS,
     CacheKey,
     FieldError,
+    FileTooLarge,
+    NotRegularFile,
     Provenance,
     Store,
     WinnerRecord,
     check_key_field,
     check_provenance_field,
+    check_spread,
     check_winner,
+    clean_origin,
+    read_capped,
 )
 
 SCHEMA = "sae-tune/configs"
@@ -38,7 +46,8 @@ ENV_SHIPPED = "SAE_TUNE_SHIPPED_DIR"
 SHIPPED_DIR = Path(__file__).with_name("shipped")
 
 TOP_FIELDS = ("schema", "version", "provenance", "records")
-RECORD_FIELDS = (*KEY_FIELDS, "impl", "config", "ms", "dense_ms", "provenance")
+RECORD_FIELDS = (*KEY_FIELDS, "impl", "config", "ms", "dense_ms", "provenance")  # required
+OPTIONAL_RECORD_FIELDS = ("spread",)  # relative IQR of the timing samples; absent or null: unknown
 
 
 class ConfigFileError(ValueError):
@@ -59,6 +68,14 @@ class ConfigFileError(ValueError):
         self.reason = reason
 
 
+class ConfigFileUnreadable(ConfigFileError):
+    """The file itself cannot be used (missing, not a regular file, over the size cap), whatever it holds."""
+
+
+class NoSuchDevice(ValueError):
+    """An export for a device name that has no winners; the message lists the known device names."""
+
+
 class ShippedConfigWarning(UserWarning):
     """A shipped per-GPU config file was skipped because it did not validate."""
 
@@ -67,15 +84,16 @@ class ShippedConfigWarning(UserWarning):
 class ImportResult:
     path: Path
     records: int  # validated records in the file
-    updated: int  # winners that changed (new key, or faster than the stored winner)
+    updated: int  # winners that changed (new key, or faster than a stored imported winner)
+    kept_local: int = 0  # keys whose winner was measured here, and so was kept
 
 
 # --- export ------------------------------------------------------------------------------------------
 
 
 def record_to_dict(rec: WinnerRecord) -> dict[str, Any]:
-    """One exported record: key fields, impl, config, ms, dense_ms, provenance."""
-    return {
+    """One exported record: key fields, impl, config, ms, dense_ms, provenance, and spread when known."""
+    out = {
         **rec.key.to_dict(),
         "impl": rec.impl,
         "config": dict(rec.config),
@@ -83,15 +101,36 @@ def record_to_dict(rec: WinnerRecord) -> dict[str, Any]:
         "dense_ms": rec.dense_ms,
         "provenance": rec.provenance.to_dict(),
     }
+    if rec.spread is not None:
+        out["spread"] = rec.spread
+    return out
+
+
+def matching_devices(store: Store, device_name: str) -> list[str]:
+    """The stored device names equal to ``device_name`` ignoring case; ``NoSuchDevice`` if there are none."""
+    known = store.devices()
+    matched = [name for name in known if name.casefold() == device_name.strip().casefold()]
+    if not matched:
+        listing = ", ".join(repr(name) for name in known) if known else "none: the cache has no winners"
+        raise NoSuchDevice(f"no winners for device {device_name!r} in {store.path}; known devices: {listing}")
+    return matched
 
 
 def export_records(store: Store, device_name: str | None = None) -> dict[str, Any]:
-    """The winners of ``store`` (optionally of one device) as a versioned, validated payload."""
+    """The winners of ``store`` as a versioned, validated payload.
+
+    ``device_name`` (matched ignoring case) keeps one device's winners; a name that matches none raises
+    ``NoSuchDevice`` listing the known names, so a typo never writes an empty file.
+    """
+    if device_name is None:
+        winners = store.winners()
+    else:
+        winners = [rec for name in matching_devices(store, device_name) for rec in store.winners(name)]
     payload = {
         "schema": SCHEMA,
         "version": VERSION,
         "provenance": Provenance.current().to_dict(),
-        "records": [record_to_dict(rec) for rec in store.winners(device_name)],
+        "records": [record_to_dict(rec) for rec in winners],
     }
     validate_payload(payload, origin="export")  # what we write must be what we would accept
     return payload
@@ -150,13 +189,18 @@ def parse_json(text: str | bytes, origin: str = "payload") -> Any:
 
 
 def read_payload(path: str | os.PathLike[str]) -> Any:
-    """Read and strictly parse a config file, reading at most the size cap (+1 byte to detect more)."""
+    """Read and strictly parse a config file.
+
+    Only a regular file is read (opened non-blocking and checked with fstat, so a FIFO or device cannot
+    hang the process), and only when its size is within the cap; ``ConfigFileUnreadable`` otherwise.
+    """
     p = Path(path)
     try:
-        with p.open("rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
+        data = read_capped(p, MAX_FILE_BYTES)
+    except (NotRegularFile, FileTooLarge) as exc:
+        raise ConfigFileUnreadable(str(p), str(exc)) from None
     except OSError as exc:
-        raise ConfigFileError(str(p), f"cannot read it ({exc.strerror or exc})") from None
+        raise ConfigFileUnreadable(str(p), f"cannot read it ({exc.strerror or exc})") from None
     return parse_json(data, str(p))
 
 
@@ -164,14 +208,20 @@ def read_payload(path: str | os.PathLike[str]) -> Any:
 
 
 def _exact_keys(
-    obj: dict[str, Any], allowed: tuple[str, ...], origin: str, record: int | None, prefix: str
+    obj: dict[str, Any],
+    required: tuple[str, ...],
+    origin: str,
+    record: int | None,
+    prefix: str,
+    optional: tuple[str, ...] = (),
 ) -> None:
+    allowed = (*required, *optional)
     unknown = sorted(str(k) for k in obj if k not in allowed)
     if unknown:
         raise ConfigFileError(
             origin, f"unknown field (allowed: {', '.join(allowed)})", record=record, field=prefix + unknown[0]
         )
-    missing = [k for k in allowed if k not in obj]
+    missing = [k for k in required if k not in obj]
     if missing:
         raise ConfigFileError(origin, "missing field", record=record, field=prefix + missing[0])
 
@@ -191,12 +241,13 @@ def _provenance(obj: Any, origin: str, record: int | None, source: str) -> Prove
 def _record(obj: Any, i: int, origin: str, source: str) -> WinnerRecord:
     if type(obj) is not dict:
         raise ConfigFileError(origin, f"must be an object, got {type(obj).__name__}", record=i)
-    _exact_keys(obj, RECORD_FIELDS, origin, i, "")
+    _exact_keys(obj, RECORD_FIELDS, origin, i, "", OPTIONAL_RECORD_FIELDS)
     try:
         for name in KEY_FIELDS:
             check_key_field(name, obj[name])
         key = CacheKey(**{name: obj[name] for name in KEY_FIELDS})
         config = check_winner(key, obj["impl"], obj["config"], obj["ms"], obj["dense_ms"])
+        spread = check_spread("spread", obj.get("spread"))
     except FieldError as exc:
         raise ConfigFileError(origin, exc.reason, record=i, field=exc.field) from None
     return WinnerRecord(
@@ -206,6 +257,7 @@ def _record(obj: Any, i: int, origin: str, source: str) -> WinnerRecord:
         ms=float(obj["ms"]),
         dense_ms=None if obj["dense_ms"] is None else float(obj["dense_ms"]),
         provenance=_provenance(obj["provenance"], origin, i, source),
+        spread=spread,
     )
 
 
@@ -244,10 +296,17 @@ def load_file(path: str | os.PathLike[str], *, source: str = "imported") -> list
 
 
 def import_file(store: Store, path: str | os.PathLike[str]) -> ImportResult:
-    """Validate every record of ``path``, then merge them in one transaction (fastest per key wins)."""
-    records = load_file(path)
-    updated = store.import_winners(records)
-    return ImportResult(path=Path(path), records=len(records), updated=updated)
+    """Validate every record of ``path``, then merge them in one transaction.
+
+    A key with a winner measured here keeps it (counted in ``kept_local``); other keys take the fastest
+    record. Imported winners remember the file's name, which ``explain()`` shows.
+    """
+    origin = clean_origin(Path(path).name)
+    records = [dataclasses.replace(rec, origin=origin) for rec in load_file(path)]
+    merged = store.merge_winners(records)
+    return ImportResult(
+        path=Path(path), records=len(records), updated=merged.updated, kept_local=merged.kept_local
+    )
 
 
 # --- shipped per-GPU files ---------------------------------------------------------------------------
@@ -273,8 +332,9 @@ def load_shipped(
 ) -> list[WinnerRecord]:
     """Validated records of every ``*.json`` in the shipped folder (fastest per key).
 
-    A file that fails validation is skipped with a ``ShippedConfigWarning`` naming it, so one bad file
-    cannot take down dispatch; records come back with provenance source "shipped".
+    A file that fails validation, or an entry that is not a regular file (a FIFO is never opened for a
+    blocking read), is skipped with a ``ShippedConfigWarning`` naming it, so one bad file cannot take down
+    dispatch; records come back with provenance source "shipped".
     """
     folder = Path(directory) if directory is not None else shipped_dir()
     if not folder.is_dir():
@@ -296,12 +356,15 @@ def load_shipped(
 
 __all__ = [
     "ConfigFileError",
+    "ConfigFileUnreadable",
     "ImportResult",
+    "NoSuchDevice",
     "ShippedConfigWarning",
     "export_records",
     "import_file",
     "load_file",
     "load_shipped",
+    "matching_devices",
     "parse_json",
     "read_payload",
     "record_to_dict",

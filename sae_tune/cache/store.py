@@ -6,6 +6,11 @@ write lock up front (``BEGIN IMMEDIATE``) for every write. It sits at a path the
 cache path, where another program's file may already be; so an existing file is inspected through a
 read-only connection first, and a corrupt file, a foreign database or a newer schema raises ``CacheError``
 naming the path and the problem, without a byte of that file being changed.
+
+A time measured here is the truth for its key: imported and shipped records only fill keys that have no
+measured winner. A cache someone else owns (no write permission on the file or its folder) is opened
+read-only for reading, creating no ``-wal``/``-shm`` files that would lock its owner out; writing to it is
+refused with a ``CacheError`` saying it is read-only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import platform
 import re
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,7 +42,7 @@ from sae_tune.torch_paths import TORCH_PATHS
 from sae_tune.variants import Variant
 
 SCHEMA_NAME = "sae-tune-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: "spread" on trials, baselines and winners; "origin" on winners
 ENV_CACHE = "SAE_TUNE_CACHE"
 DEFAULT_FILE_NAME = "cache.sqlite"
 
@@ -69,10 +75,16 @@ MAX_MS = 1e7
 MAX_ERROR_CHARS = 4000
 MAX_TEXT = 200
 MAX_CONFIG_INT = 1 << 24
+MAX_SPREAD = 1e6
+MAX_ORIGIN = 200
 
 
 class CacheError(RuntimeError):
     """The cache file cannot be used; the message names the path and the problem."""
+
+
+class CacheReadOnlyError(CacheError):
+    """A write to a cache this process may not write (someone else's file or folder)."""
 
 
 class FieldError(ValueError):
@@ -181,6 +193,32 @@ def check_ms(field: str, value: Any, *, optional: bool = False) -> float | None:
     if not math.isfinite(value) or not 0 < value <= MAX_MS:
         raise FieldError(field, f"must be a finite number of milliseconds in (0, {MAX_MS:g}], got {value!r}")
     return float(value)
+
+
+def check_spread(field: str, value: Any) -> float | None:
+    """The relative interquartile range of a timing's samples: a finite number >= 0, or None (unknown)."""
+    if value is None:
+        return None
+    if type(value) not in (int, float):
+        raise FieldError(field, f"must be a number or null, got {type(value).__name__} {_show(value)}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SPREAD:
+        raise FieldError(field, f"must be a finite number in [0, {MAX_SPREAD:g}] or null, got {value!r}")
+    return float(value)
+
+
+def format_ms(ms: float, spread: float | None, spec: str = ".3f") -> str:
+    """A time with its spread, e.g. "4.010 ms ±3%" (no spread shown when it is unknown)."""
+    text = f"{ms:{spec}} ms"
+    if spread is not None:
+        pct = spread * 100
+        text += f" ±{pct:.0f}%" if pct >= 1 else f" ±{pct:.1f}%"
+    return text
+
+
+def clean_origin(name: str) -> str:
+    """A printable, bounded label for the file a record was imported from (its name, not its path)."""
+    text = "".join(c if c.isprintable() else "?" for c in str(name)).strip()
+    return (text or "?")[:MAX_ORIGIN]
 
 
 def check_key_field(name: str, value: Any) -> Any:
@@ -381,7 +419,11 @@ class Provenance:
 
 @dataclass(frozen=True)
 class WinnerRecord:
-    """The fastest correct candidate known for one key."""
+    """The fastest correct candidate known for one key.
+
+    ``spread`` is the relative interquartile range of its timing samples (None: unknown); ``origin`` names
+    the file an imported record came from (None for measured and shipped records).
+    """
 
     key: CacheKey
     impl: str
@@ -389,6 +431,8 @@ class WinnerRecord:
     ms: float
     dense_ms: float | None
     provenance: Provenance
+    spread: float | None = None
+    origin: str | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -409,6 +453,7 @@ class TrialRecord:
     study: str | None
     trial_number: int | None
     provenance: Provenance
+    spread: float | None = None
 
 
 @dataclass(frozen=True)
@@ -420,6 +465,15 @@ class BaselineRecord:
     config: dict[str, Any]
     ms: float
     provenance: Provenance
+    spread: float | None = None
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What merging winners did: ``updated`` keys changed; ``kept_local`` keys kept the time measured here."""
+
+    updated: int
+    kept_local: int
 
 
 def check_winner(key: CacheKey, impl: str, config: Any, ms: Any, dense_ms: Any) -> dict[str, Any]:
@@ -470,6 +524,12 @@ _KEY_COLUMNS: dict[str, type] = {
 }
 _KEY_NOT_NULL = [c for c in _KEY_COLUMNS if c not in ("capability", "triton_version")]
 _PROV_COLUMNS: dict[str, type] = {"recorded_at": str, "sae_tune_version": str, "host_kind": str}
+# Columns added after schema version 1, per table (what _migrate adds to an older file).
+_ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "trials": {"spread": "FLOAT"},
+    "baselines": {"spread": "FLOAT"},
+    "winners": {"spread": "FLOAT", "origin": "TEXT"},
+}
 
 
 def _classify(conn: sqlite3.Connection, path: Path) -> int | None:
@@ -517,6 +577,109 @@ def _classify(conn: sqlite3.Connection, path: Path) -> int | None:
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class NotRegularFile(OSError):
+    """A path that is not a regular file (FIFO, device, directory, socket): reading it could block."""
+
+
+class FileTooLarge(OSError):
+    """A file larger than the size cap of what reads it."""
+
+
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The first ``limit`` bytes of the regular file at ``path``.
+
+    Opened non-blocking and checked with ``fstat`` before a byte is read, so a FIFO or device never blocks
+    the process; raises ``NotRegularFile`` for those (and ``OSError`` for the usual failures).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
+            raise NotRegularFile(f"is {kind}, not a regular file")
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_capped(path: str | os.PathLike[str], cap: int) -> bytes:
+    """All of the regular file at ``path``; ``FileTooLarge`` (checked before reading) above ``cap`` bytes."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = 0  # let read_regular report the real problem
+    if size > cap:
+        raise FileTooLarge(f"{size} bytes, larger than the {cap // (1024 * 1024)} MiB limit")
+    data = read_regular(path, cap + 1)
+    if len(data) > cap:  # it grew while we looked
+        raise FileTooLarge(f"larger than the {cap // (1024 * 1024)} MiB limit")
+    return data
+
+
+def write_problem(path: Path) -> str | None:
+    """Why this process could not write the cache at ``path`` (None: it can).
+
+    SQLite writes the file and creates ``-wal``/``-shm`` files next to it, so both the file and its folder
+    (or, for a new file, the nearest existing folder above it) must be writable.
+    """
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            return "you have no write permission on the file"
+        folder = path.parent
+    else:
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"you cannot create files in its folder {folder} (SQLite keeps -wal and -shm files there)"
+    return None
+
+
+def _read_only_params(path: Path) -> str:
+    """URI parameters for reading ``path`` without creating or changing any file.
+
+    While a writer has the file open (its ``-wal`` and ``-shm`` files exist) it is read through them,
+    read-only. Otherwise nothing is writing it and ``immutable=1`` reads the file alone: a WAL read in
+    ``mode=ro`` would create a ``-shm`` file, owned by this user, that can lock the cache's owner out.
+    """
+    live = Path(f"{path}-wal").exists() and Path(f"{path}-shm").exists()
+    return "mode=ro" if live else "mode=ro&immutable=1"
+
+
+def connect_read_only(path: Path, timeout: float) -> sqlite3.Connection:
+    """A connection that reads the cache at ``path`` and writes nothing, not even ``-wal``/``-shm`` files.
+
+    Raises ``CacheError`` for a file that is missing, not a regular file, or has no SQLite header.
+    """
+    try:
+        header = read_regular(path, 100)
+    except OSError as exc:
+        raise CacheError(f"sae-tune cache {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise _unusable(path, "no SQLite header")
+    try:
+        return sqlite3.connect(
+            f"{path.resolve().as_uri()}?{_read_only_params(path)}", uri=True, timeout=timeout
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise CacheError(f"sae-tune cache {path}: cannot open it read-only ({exc})") from None
+
 
 def _unusable(path: Path, detail: str) -> CacheError:
     return CacheError(
@@ -537,8 +700,7 @@ def _inspect_existing(path: Path, timeout: float, check: bool) -> None:
     if path.is_dir():
         raise CacheError(f"sae-tune cache {path}: is a directory, not a cache file")
     try:
-        with path.open("rb") as fh:
-            header = fh.read(100)
+        header = read_regular(path, 100)
     except OSError as exc:
         raise CacheError(f"sae-tune cache {path}: cannot read it ({exc.strerror or exc})") from None
     if not header:
@@ -547,9 +709,9 @@ def _inspect_existing(path: Path, timeout: float, check: bool) -> None:
         raise _unusable(path, "no SQLite header")
     for attempt in range(3):
         # Re-decided per attempt: a writer may have opened (or checkpointed and closed) meanwhile.
-        quiescent_wal = header[18] == 2 and not Path(f"{path}-wal").exists()
+        params = _read_only_params(path) if header[18] == 2 else "mode=ro"
         try:
-            _inspect_sqlite(path, "mode=ro&immutable=1" if quiescent_wal else "mode=ro", timeout, check)
+            _inspect_sqlite(path, params, timeout, check)
             return
         except sqlite3.DatabaseError as exc:
             if attempt < 2:
@@ -578,14 +740,27 @@ class Store:
 
     Safe for several processes at once: WAL mode, a busy timeout of ``timeout`` seconds, and every write in
     its own ``BEGIN IMMEDIATE`` transaction. ``check`` runs SQLite's quick_check on an existing file before
-    opening it for writing.
+    opening it for writing. A cache this process may not write raises ``CacheError`` ("... is read-only");
+    ``read_only=True`` opens an existing cache for reading only (see ``Store.for_reading``).
     """
 
     def __init__(
-        self, path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0, check: bool = True
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 30.0,
+        check: bool = True,
+        read_only: bool = False,
     ) -> None:
         self.path = resolve_cache_path(path)
+        self.read_only = read_only
         _inspect_existing(self.path, timeout, check)
+        if read_only:
+            self._open_read_only(timeout)
+            return
+        problem = write_problem(self.path)
+        if problem is not None:
+            raise CacheReadOnlyError(self._read_only_message(problem))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), timeout=timeout)
@@ -600,6 +775,34 @@ class Store:
         except BaseException:
             self.db.close()
             raise
+
+    @classmethod
+    def for_reading(cls, path: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> Store:
+        """The cache at ``path`` for a command that only reads it: read-only when this process may not
+        write it (someone else's cache), so that no ``-wal``/``-shm`` file of ours is left next to it."""
+        resolved = resolve_cache_path(path)
+        read_only = resolved.exists() and write_problem(resolved) is not None
+        return cls(resolved, timeout=timeout, read_only=read_only)
+
+    def _open_read_only(self, timeout: float) -> None:
+        if not self.path.exists():
+            raise CacheError(f"sae-tune cache {self.path}: does not exist")
+        self.db = Database(connect_read_only(self.path, timeout), execute_plugins=False)
+        try:
+            with self._errors("opening read-only"):
+                self.db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+                if _classify(self.db.conn, self.path) is None:
+                    raise CacheError(f"sae-tune cache {self.path}: is empty (no sae-tune tables yet)")
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _read_only_message(self, why: str) -> str:
+        return (
+            f"sae-tune cache {self.path} is read-only: {why}. Commands that only read it (cache show, "
+            f"cache export, dispatch) still work; to write, use a cache of your own (--cache PATH or "
+            f"{ENV_CACHE})."
+        )
 
     # --- plumbing ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -624,6 +827,10 @@ class Store:
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[None]:
         """One write transaction holding the write lock from the start (no deadlocked lock upgrades)."""
+        if self.read_only:
+            raise CacheReadOnlyError(
+                self._read_only_message(f"opened for reading only, so {what} is not possible")
+            )
         with self._errors(what):
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -657,7 +864,10 @@ class Store:
 
     def _init_schema(self) -> None:
         with self._write("initializing the schema"):
-            if _classify(self.db.conn, self.path) is not None:
+            version = _classify(self.db.conn, self.path)
+            if version is not None:
+                if version < SCHEMA_VERSION:
+                    self._migrate(version)
                 return
             prov = {**_PROV_COLUMNS}
             self._table("meta").create({"key": str, "value": str}, pk="key")
@@ -681,6 +891,7 @@ class Store:
                     "study": str,
                     "trial_number": int,
                     **prov,
+                    "spread": float,
                 },
                 pk="id",
                 not_null=[*_KEY_NOT_NULL, "impl", "config", "ok", *prov],
@@ -696,16 +907,34 @@ class Store:
                     "speedup": float,
                     **prov,
                     "source": str,
+                    "spread": float,
+                    "origin": str,
                 },
                 pk="key_id",
                 not_null=[*_KEY_NOT_NULL, "impl", "config", "ms", *prov, "source"],
             )
             self._table("winners").create_index(["device_name"])
             self._table("baselines").create(
-                {**_KEY_COLUMNS, "impl": str, "config": str, "ms": float, **prov},
+                {**_KEY_COLUMNS, "impl": str, "config": str, "ms": float, **prov, "spread": float},
                 pk=("key_id", "impl"),
                 not_null=[*_KEY_NOT_NULL, "impl", "config", "ms", *prov],
             )
+
+    def _migrate(self, version: int) -> None:
+        """Inside the schema transaction: bring a cache of an older schema up to date, keeping every row.
+
+        Only nullable columns are added (old rows read as "spread unknown", "no origin file").
+        """
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})").fetchall()}
+            for name, sql_type in columns.items():
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE [{table}] ADD COLUMN [{name}] {sql_type}")
+        self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+        self.db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('migrated', ?)",
+            [f"from schema version {version} on {now_iso()} by {sae_tune_version()}"],
+        )
 
     @staticmethod
     def _key_row(key: CacheKey) -> dict[str, Any]:
@@ -754,14 +983,17 @@ class Store:
         error: str | None = None,
         study: str | None = None,
         trial_number: int | None = None,
+        spread: float | None = None,
     ) -> int:
         """Store one measurement (kept forever, so a changed search space does not force a re-tune).
 
         A failed trial (``ok=False``) may have no time; ``error`` is truncated to 4000 characters.
+        ``spread`` is the relative interquartile range of the timing samples (None: unknown).
         Returns the trial's row id.
         """
         canonical = validate_config(impl, dict(config))
         check_ms("ms", ms, optional=not ok)
+        check_spread("spread", spread)
         if study is not None:
             _text("study", study)
         if trial_number is not None:
@@ -776,33 +1008,54 @@ class Store:
             "study": study,
             "trial_number": trial_number,
             **self._prov_row(Provenance.current()),
+            "spread": None if spread is None else float(spread),
         }
         with self._write("recording a trial"):
             table = self._table("trials").insert(row)
         return int(table.last_rowid or 0)
 
     def record_baseline(
-        self, key: CacheKey, impl: str, ms: float, config: Mapping[str, Any] | None = None
+        self,
+        key: CacheKey,
+        impl: str,
+        ms: float,
+        config: Mapping[str, Any] | None = None,
+        *,
+        spread: float | None = None,
     ) -> None:
         """Store the latest time of a reference path (e.g. dense) for ``key``; replaces the previous one."""
         canonical = validate_config(impl, dict(config or {}))
         check_ms("ms", ms)
+        check_spread("spread", spread)
         row = {
             **self._key_row(key),
             "impl": impl,
             "config": json.dumps(canonical, sort_keys=True),
             "ms": float(ms),
             **self._prov_row(Provenance.current()),
+            "spread": None if spread is None else float(spread),
         }
         with self._write("recording a baseline"):
             self._table("baselines").upsert(row, pk=("key_id", "impl"))
 
-    def _set_winner(self, rec: WinnerRecord) -> bool:
-        """Inside an open write transaction: store ``rec`` if it beats the current winner."""
-        current = self._table("winners").rows_where("key_id = ?", [rec.key.id], select="ms")
-        best = next(iter(current), None)
-        if best is not None and best["ms"] <= rec.ms:
-            return False
+    def _set_winner(self, rec: WinnerRecord) -> bool | None:
+        """Inside an open write transaction: store ``rec`` if it may replace the current winner.
+
+        A time measured here is the truth for its key: a measured record replaces an imported or shipped
+        one whatever their times, and an imported or shipped record never replaces a measured one (returns
+        None: kept local). Between records of the same standing the faster wins (a tie keeps the
+        incumbent). Returns True if stored, False if slower.
+        """
+        current = next(
+            iter(self._table("winners").rows_where("key_id = ?", [rec.key.id], select="ms, source")), None
+        )
+        if current is not None:
+            measured_now = current["source"] not in ("imported", "shipped")
+            measured_new = rec.provenance.source == "measured"
+            if measured_now and not measured_new:
+                return None
+            if measured_now == measured_new and current["ms"] <= rec.ms:
+                return False
         dense_ms = rec.dense_ms
         if dense_ms is None:
             base = next(
@@ -819,6 +1072,8 @@ class Store:
                 "speedup": None if dense_ms is None else dense_ms / rec.ms,
                 **self._prov_row(rec.provenance),
                 "source": rec.provenance.source,
+                "spread": rec.spread,
+                "origin": rec.origin,
             },
             pk="key_id",
         )
@@ -833,10 +1088,13 @@ class Store:
         dense_ms: float | None = None,
         *,
         provenance: Provenance | None = None,
+        spread: float | None = None,
     ) -> bool:
         """Make this the winner for ``key`` unless a faster (or equally fast) one is stored; True if stored.
 
-        ``dense_ms`` defaults to the stored dense baseline for the key, if any.
+        A measured record (the default provenance) always replaces an imported or shipped winner: the time
+        measured here is the truth for its key. ``dense_ms`` defaults to the stored dense baseline for the
+        key, if any; ``spread`` is the relative interquartile range of the timing samples (None: unknown).
         """
         canonical = check_winner(key, impl, dict(config), ms, dense_ms)
         rec = WinnerRecord(
@@ -846,12 +1104,13 @@ class Store:
             ms=float(ms),
             dense_ms=None if dense_ms is None else float(dense_ms),
             provenance=provenance or Provenance.current(),
+            spread=check_spread("spread", spread),
         )
         with self._write("storing a winner"):
-            return self._set_winner(rec)
+            return bool(self._set_winner(rec))
 
-    def import_winners(self, records: Iterable[WinnerRecord]) -> int:
-        """Merge records in one transaction, keeping the fastest per key; returns how many won.
+    def merge_winners(self, records: Iterable[WinnerRecord]) -> MergeResult:
+        """Merge records in one transaction; a key measured here keeps its measured winner.
 
         Every record is re-validated first, so nothing is stored unless all are acceptable.
         """
@@ -859,11 +1118,37 @@ class Store:
         for i, rec in enumerate(records):
             try:
                 config = check_winner(rec.key, rec.impl, rec.config, rec.ms, rec.dense_ms)
+                spread = check_spread("spread", rec.spread)
+                if rec.origin is not None:
+                    _text("origin", rec.origin, MAX_ORIGIN)
             except FieldError as exc:
                 raise FieldError(exc.field, f"record {i}: {exc.reason}") from None
-            checked.append(dataclasses.replace(rec, config=config, ms=float(rec.ms)))
+            checked.append(dataclasses.replace(rec, config=config, ms=float(rec.ms), spread=spread))
+        kept_local: set[str] = set()
+        updated: set[str] = set()
         with self._write("importing winners"):
-            return sum(self._set_winner(rec) for rec in checked)
+            for rec in checked:
+                stored = self._set_winner(rec)
+                if stored is None:
+                    kept_local.add(rec.key.id)
+                elif stored:
+                    updated.add(rec.key.id)
+        return MergeResult(updated=len(updated), kept_local=len(kept_local))
+
+    def import_winners(self, records: Iterable[WinnerRecord]) -> int:
+        """``merge_winners`` returning only how many keys changed."""
+        return self.merge_winners(records).updated
+
+    def forget_key(self, key: CacheKey) -> int:
+        """Delete every trial, baseline and winner (measured or imported) of ``key`` in one transaction.
+
+        For re-tuning a key from scratch (``sae-tune --retune``); returns the number of rows deleted.
+        """
+        with self._write("forgetting a key"):
+            return sum(
+                self.db.execute(f"DELETE FROM [{name}] WHERE key_id = ?", [key.id]).rowcount
+                for name in ("trials", "baselines", "winners")
+            )
 
     def clear(self) -> None:
         """Forget every trial, winner and baseline (the schema and meta stay)."""
@@ -886,7 +1171,16 @@ class Store:
             ms=float(row["ms"]),
             dense_ms=None if row["dense_ms"] is None else float(row["dense_ms"]),
             provenance=prov,
+            spread=self._spread("winners", row),
+            origin=row.get("origin") if source == "imported" else None,
         )
+
+    def _spread(self, table: str, row: dict[str, Any]) -> float | None:
+        """The row's spread (None in rows written before schema version 2)."""
+        try:
+            return check_spread("spread", row.get("spread"))
+        except FieldError as exc:
+            raise CacheError(f"sae-tune cache {self.path}: invalid row in {table}: {exc}") from None
 
     def winners(self, device_name: str | None = None) -> list[WinnerRecord]:
         """Every winner (optionally of one device), ordered by device, dtype, shape and buckets."""
@@ -912,6 +1206,7 @@ class Store:
                     study=row["study"],
                     trial_number=row["trial_number"],
                     provenance=prov,
+                    spread=self._spread("trials", row),
                 )
             )
         return out
@@ -928,19 +1223,23 @@ class Store:
                     config=self._config("baselines", row["config"]),
                     ms=float(row["ms"]),
                     provenance=prov,
+                    spread=self._spread("baselines", row),
                 )
             )
         return out
+
+    def devices(self) -> list[str]:
+        """The device names that have winners, sorted."""
+        with self._errors("listing devices"):
+            query = "SELECT DISTINCT device_name FROM winners ORDER BY device_name"
+            return [row["device_name"] for row in self.db.query(query)]
 
     def summary(self) -> dict[str, Any]:
         """Counts and versions, for ``sae-tune cache info`` style output."""
         with self._errors("summarizing"):
             meta = {row["key"]: row["value"] for row in self._table("meta").rows}
             trials = self._table("trials")
-            devices = [
-                row["device_name"]
-                for row in self.db.query("SELECT DISTINCT device_name FROM winners ORDER BY device_name")
-            ]
+            devices = self.devices()
             return {
                 "path": str(self.path),
                 "schema_version": int(meta["schema_version"]),
@@ -951,4 +1250,5 @@ class Store:
                 "baselines": self._table("baselines").count,
                 "devices": devices,
                 "size_bytes": self.path.stat().st_size if self.path.exists() else 0,
+                "read_only": self.read_only,
             }

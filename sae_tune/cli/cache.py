@@ -1,4 +1,9 @@
-"""``sae-tune cache ...``: look at, clear, export and import the tuning cache."""
+"""``sae-tune cache ...``: look at, clear, export and import the tuning cache.
+
+Exit status: 0 done; 1 a config file whose content is invalid or a cache that is not usable; 2 a command
+that cannot run as given (a device name with no winners, an import path that is not a readable regular
+file, a cache this user may not write).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,34 @@ import json
 
 import click
 
-from sae_tune.cache.share import ConfigFileError, import_file, write_export
-from sae_tune.cache.store import CacheError, Store
+from sae_tune.cache.share import (
+    ConfigFileError,
+    ConfigFileUnreadable,
+    NoSuchDevice,
+    import_file,
+    write_export,
+)
+from sae_tune.cache.store import CacheError, CacheReadOnlyError, Store, format_ms
 
 cache_option = click.option("--cache", type=click.Path(), help="SQLite cache file [env SAE_TUNE_CACHE].")
 
 
-def open_store(cache: str | None) -> Store:
+class CannotRun(click.ClickException):
+    """The command cannot run as given (exit status 2, like a usage error, but without the usage text)."""
+
+    exit_code = 2
+
+
+def _cache_error(exc: CacheError) -> click.ClickException:
+    return CannotRun(str(exc)) if isinstance(exc, CacheReadOnlyError) else click.ClickException(str(exc))
+
+
+def open_store(cache: str | None, *, write: bool = True) -> Store:
+    """The cache for a command; ``write=False`` opens someone else's cache read-only instead of failing."""
     try:
-        return Store(cache)
+        return Store(cache) if write else Store.for_reading(cache)
     except CacheError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise _cache_error(exc) from exc
 
 
 @click.group("cache")
@@ -28,10 +50,10 @@ def cache_group() -> None:
 @cache_option
 @click.option("--json", "as_json", is_flag=True)
 def show(cache: str | None, as_json: bool) -> None:
-    """Counts, and the winner of every key."""
+    """Counts, and the winner of every key (time ± relative spread of its samples)."""
     from tabulate import tabulate
 
-    with open_store(cache) as store:
+    with open_store(cache, write=False) as store:
         summary = store.summary()
         winners = store.winners()
     if as_json:
@@ -41,16 +63,18 @@ def show(cache: str | None, as_json: bool) -> None:
                 "impl": w.impl,
                 "config": w.config,
                 "ms": w.ms,
+                "spread": w.spread,
                 "dense_ms": w.dense_ms,
                 "source": w.provenance.source,
+                "origin": w.origin,
             }
             for w in winners
         ]
         click.echo(json.dumps(summary, indent=1))
         return
     click.echo(
-        f"{summary['path']}: {summary['trials']} trials ({summary['failed_trials']} failed), "
-        f"{summary['winners']} winners, {summary['baselines']} baselines"
+        f"{summary['path']}{' (read-only)' if summary['read_only'] else ''}: {summary['trials']} trials "
+        f"({summary['failed_trials']} failed), {summary['winners']} winners, {summary['baselines']} baselines"
     )
     rows = [
         (
@@ -62,15 +86,27 @@ def show(cache: str | None, as_json: bool) -> None:
             w.key.l0_bucket,
             w.impl,
             json.dumps(w.config, sort_keys=True),
-            f"{w.ms:.3f}",
+            format_ms(w.ms, w.spread),
             "-" if w.speedup is None else f"{w.speedup:.2f}x",
-            w.provenance.source,
+            w.provenance.source if w.origin is None else f"imported from {w.origin}",
         )
         for w in winners
     ]
     if rows:
-        headers = ("device", "dtype", "F", "D", "batch", "L0", "impl", "config", "ms", "vs dense", "source")
-        click.echo(tabulate(rows, headers=headers, tablefmt="github"))
+        headers = (
+            "device",
+            "dtype",
+            "F",
+            "D",
+            "batch bucket",
+            "L0 bucket",
+            "impl",
+            "config",
+            "time",
+            "vs dense",
+            "source",
+        )
+        click.echo(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
 
 
 @cache_group.command("clear")
@@ -80,21 +116,34 @@ def clear(cache: str | None, yes: bool) -> None:
     """Forget every trial, winner and baseline."""
     with open_store(cache) as store:
         if not yes:
+            s = store.summary()
             click.confirm(
-                f"Delete all {store.summary()['trials']} trials and winners in {store.path}?", abort=True
+                f"Delete {s['trials']} trials, {s['baselines']} baselines and {s['winners']} winners "
+                f"from {store.path}?",
+                abort=True,
             )
-        store.clear()
+        try:
+            store.clear()
+        except CacheError as exc:
+            raise _cache_error(exc) from exc
         click.echo(f"cleared {store.path}")
 
 
 @cache_group.command("export")
 @cache_option
-@click.option("--device", "device_name", help="Only this device (GPU name or CPU model).")
+@click.option(
+    "--device", "device_name", help="Only this device (GPU name or CPU model; case does not matter)."
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 def export(cache: str | None, device_name: str | None, output: str) -> None:
     """Write the winners to a versioned JSON file, with provenance, to share per GPU model."""
-    with open_store(cache) as store:
-        payload = write_export(output, store, device_name)
+    with open_store(cache, write=False) as store:
+        try:
+            payload = write_export(output, store, device_name)
+        except NoSuchDevice as exc:
+            raise CannotRun(str(exc)) from exc
+        except OSError as exc:
+            raise CannotRun(f"cannot write {output}: {exc.strerror or exc}") from exc
     click.echo(f"wrote {len(payload['records'])} records to {output}")
 
 
@@ -102,10 +151,17 @@ def export(cache: str | None, device_name: str | None, output: str) -> None:
 @cache_option
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def import_(cache: str | None, path: str) -> None:
-    """Merge a shared config file, keeping the fastest per key; a bad file stores nothing."""
+    """Merge a shared config file; a key measured here keeps its own winner; a bad file stores nothing."""
     with open_store(cache) as store:
         try:
             result = import_file(store, path)
+        except ConfigFileUnreadable as exc:
+            raise CannotRun(str(exc)) from exc
         except ConfigFileError as exc:
             raise click.ClickException(str(exc)) from exc
-    click.echo(f"imported {result.records} records from {path}: {result.updated} winners updated")
+        except CacheError as exc:
+            raise _cache_error(exc) from exc
+    message = f"imported {result.records} records from {path}: {result.updated} winners updated"
+    if result.kept_local:
+        message += f", {result.kept_local} kept local (measured here, not replaced)"
+    click.echo(message)

@@ -5,6 +5,10 @@ file that is not a readable sae-tune cache gives one warning and an empty index,
 again (key fields, implementation name, config through ``Variant.from_dict``) so that a row written by
 another version or edited by hand is skipped with a warning instead of steering a decode. The hot path
 only looks up dictionaries built here; SQLite is never queried after ``load``.
+
+For one key a time measured here outranks an imported one, which outranks a shipped one. Shipped records
+apply only to their own batch bucket or the next one up or down (a factor of 2): further away the cost
+model, which sees the actual batch, decides.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import json
 import math
 import sqlite3
+import stat
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -25,17 +30,26 @@ from sae_tune.cache.store import (
     KEY_FIELDS,
     SCHEMA_NAME,
     SCHEMA_VERSION,
+    SOURCES,
+    CacheError,
     CacheKey,
     FieldError,
     Provenance,
     WinnerRecord,
+    check_spread,
     check_winner,
+    clean_origin,
+    connect_read_only,
+    format_ms,
     validate_config,
 )
 from sae_tune.dispatch.decision import DispatchWarning, Option
 from sae_tune.dispatch.identity import Identity
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
+# A shipped record applies to its own batch bucket and the neighbouring ones (a factor of 2), no further.
+SHIPPED_MAX_BUCKET_STEPS = 1
+# For one key: measured here, then imported, then shipped.
+SOURCE_RANK = {"measured": 0, "imported": 1, "shipped": 2}
 
 
 class CacheUnreadable(Exception):
@@ -45,19 +59,11 @@ class CacheUnreadable(Exception):
 # --- reading the local cache ---------------------------------------------------------------------------
 
 
-def _connect_read_only(path: Path) -> sqlite3.Connection:
-    """A read-only connection that writes nothing: ``immutable=1`` unless a writer's WAL is present."""
-    with path.open("rb") as fh:
-        header = fh.read(100)
-    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-        raise CacheUnreadable("no SQLite header")
-    live_wal = Path(f"{path}-wal").exists()
-    params = "mode=ro" if live_wal else "mode=ro&immutable=1"
-    return sqlite3.connect(f"{path.resolve().as_uri()}?{params}", uri=True, timeout=5.0)
-
-
 def _rows(path: Path) -> list[dict[str, Any]]:
-    conn = _connect_read_only(path)
+    try:
+        conn = connect_read_only(path, 5.0)  # regular files only; creates no -wal/-shm (never blocks)
+    except CacheError as exc:
+        raise CacheUnreadable(str(exc).removeprefix(f"sae-tune cache {path}: ")) from None
     try:
         conn.row_factory = sqlite3.Row
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -81,13 +87,16 @@ def _record(row: dict[str, Any]) -> WinnerRecord:
         key = CacheKey(**{name: row[name] for name in KEY_FIELDS})
         config = json.loads(row["config"])
         canonical = check_winner(key, row["impl"], config, row["ms"], row["dense_ms"])
-        source = row.get("source") if row.get("source") in ("measured", "imported", "shipped") else "measured"
+        source = row.get("source") if row.get("source") in SOURCES else "measured"
         prov = Provenance(row["recorded_at"], row["sae_tune_version"], row["host_kind"], source)
+        spread = check_spread("spread", row.get("spread"))  # absent in schema version 1
+        origin = row.get("origin")
+        origin = clean_origin(origin) if source == "imported" and isinstance(origin, str) else None
     except FieldError as exc:
         raise ValueError(str(exc)) from None
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"malformed row ({type(exc).__name__}: {exc})") from None
-    return WinnerRecord(key, row["impl"], canonical, float(row["ms"]), row["dense_ms"], prov)
+    return WinnerRecord(key, row["impl"], canonical, float(row["ms"]), row["dense_ms"], prov, spread, origin)
 
 
 def read_local(path: Path) -> list[WinnerRecord]:
@@ -95,9 +104,11 @@ def read_local(path: Path) -> list[WinnerRecord]:
     try:
         if not path.exists():
             return []
-        if path.is_dir():
-            raise CacheUnreadable("is a directory")
-        if path.stat().st_size == 0:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO, device or socket"
+            raise CacheUnreadable(f"is {kind}, not a regular file")
+        if info.st_size == 0:
             return []
         rows = _rows(path)
     except (CacheUnreadable, OSError, sqlite3.Error) as exc:
@@ -145,7 +156,7 @@ def _shape_key(key: CacheKey) -> tuple[Any, ...]:
 
 
 class CacheIndex:
-    """Local and shipped winners grouped by (device, dtype, F, D)."""
+    """Local (measured and imported) and shipped winners grouped by (device, dtype, F, D)."""
 
     def __init__(self, local: Iterable[WinnerRecord] = (), shipped: Iterable[WinnerRecord] = ()) -> None:
         self._local: dict[tuple[Any, ...], list[WinnerRecord]] = defaultdict(list)
@@ -159,12 +170,23 @@ class CacheIndex:
         return sum(map(len, self._local.values())) + sum(map(len, self._shipped.values()))
 
     def tiers(self, ident: Identity, dtype: str, F: int, D: int, batch_bucket: int) -> list[Tier]:
-        """Candidates for one call, best first: local (exact, then nearest), then shipped."""
+        """Candidates for one call, best first: local (exact, then nearest batch bucket), then shipped
+        (its own batch bucket, then one step away). For one key, measured outranks imported."""
         shape = (ident.device_name, ident.capability, dtype, F, D)
+        shipped = [
+            rec
+            for rec in self._shipped.get(shape, ())
+            if _steps(rec.key.batch_bucket, batch_bucket) <= SHIPPED_MAX_BUCKET_STEPS
+        ]
         return [
             *_ranked(self._local.get(shape, ()), ident, batch_bucket, shipped=False),
-            *_ranked(self._shipped.get(shape, ()), ident, batch_bucket, shipped=True),
+            *_ranked(shipped, ident, batch_bucket, shipped=True),
         ]
+
+
+def _steps(a: int, b: int) -> float:
+    """How many factors of 2 lie between two batch buckets."""
+    return abs(math.log2(a / b))
 
 
 def _stale(rec: WinnerRecord, ident: Identity) -> list[str]:
@@ -182,12 +204,22 @@ def _stale(rec: WinnerRecord, ident: Identity) -> list[str]:
     return out
 
 
+def _source(rec: WinnerRecord, shipped: bool) -> str:
+    return "shipped" if shipped else rec.provenance.source
+
+
 def _ranked(records: Sequence[WinnerRecord], ident: Identity, bucket: int, *, shipped: bool) -> list[Tier]:
+    """Tiers by batch bucket distance and staleness; inside a tier (entries differing by L0 bucket) the
+    order is measured, imported, shipped, then time, so that for one key the measured entry is chosen."""
+
     def rank(rec: WinnerRecord) -> tuple[float, bool, int]:
-        return abs(math.log2(rec.key.batch_bucket / bucket)), bool(_stale(rec, ident)), rec.key.batch_bucket
+        return _steps(rec.key.batch_bucket, bucket), bool(_stale(rec, ident)), rec.key.batch_bucket
+
+    def order(rec: WinnerRecord) -> tuple[Any, ...]:
+        return rank(rec), SOURCE_RANK.get(_source(rec, shipped), 0), rec.ms
 
     tiers = []
-    for (distance, stale, _), group in groupby(sorted(records, key=lambda r: (rank(r), r.ms)), key=rank):
+    for (distance, stale, _), group in groupby(sorted(records, key=order), key=rank):
         options = []
         for rec in group:
             source = "shipped" if shipped else ("cache" if distance == 0 and not stale else "nearest")
@@ -196,7 +228,7 @@ def _ranked(records: Sequence[WinnerRecord], ident: Identity, bucket: int, *, sh
                     rec.impl,
                     rec.config,
                     source,
-                    _reason(rec, bucket, _stale(rec, ident), source),
+                    _reason(rec, bucket, _stale(rec, ident), _source(rec, shipped)),
                     l0_bucket=rec.key.l0_bucket,
                 )
             )
@@ -204,12 +236,20 @@ def _ranked(records: Sequence[WinnerRecord], ident: Identity, bucket: int, *, sh
     return tiers
 
 
-def _reason(rec: WinnerRecord, bucket: int, stale: list[str], source: str) -> str:
+def _reason(rec: WinnerRecord, bucket: int, stale: list[str], origin: str) -> str:
+    """One line for ``explain()``: where the entry came from (measured here, imported from a file on a
+    date, or shipped), what it was tuned for, and its time."""
     key = rec.key
-    where = "shipped for" if source == "shipped" else "tuned on"
+    date = rec.provenance.date[:10]
+    if origin == "shipped":
+        where = f"shipped (measured {date}) for"
+    elif origin == "imported":
+        where = f"imported from {rec.origin or 'a shared file'} (measured {date}) for"
+    else:
+        where = f"measured here ({date}) on"
     text = (
         f"{where} {key.device_name}, {key.dtype} F={key.F} D={key.D} batch bucket {key.batch_bucket}"
-        f" (L0 bucket {key.l0_bucket}): {rec.ms:.3g} ms"
+        f" (L0 bucket {key.l0_bucket}): {format_ms(rec.ms, rec.spread, '.3g')}"
     )
     if rec.dense_ms is not None:
         text += f" vs dense {rec.dense_ms:.3g} ms"
