@@ -36,7 +36,7 @@ from sae_tune.cache.store import Store
 from sae_tune.device import describe_device
 from sae_tune.dispatch import Dispatcher, reload, set_dispatcher
 from sae_tune.specs import get_spec
-from sae_tune.torch_paths import TORCH_PATHS
+from sae_tune.targets.library.paths import TORCH_PATHS
 
 
 def stamp(spec_name: str, batch: int) -> dict[str, str]:
@@ -82,7 +82,7 @@ def per_call_overhead(impl: str, config: dict, blocks: int = 40, calls: int = 50
     and contention for the cores of a shared machine would otherwise swamp it. Reports medians and
     minima over the blocks (the minimum is the least disturbed run)."""
     from sae_tune.cache.store import CacheKey, Provenance, WinnerRecord
-    from sae_tune.templates.render import template_hash
+    from sae_tune.targets import templates_hash
 
     F, D, B = 2048, 64, 32
     W = torch.randn(F, D) / 8
@@ -90,7 +90,7 @@ def per_call_overhead(impl: str, config: dict, blocks: int = 40, calls: int = 50
     acts = synthetic_acts((F, 8), B, seed=3)
     key = CacheKey.for_device(
         describe_device("cpu"),
-        template_hash=template_hash(),
+        template_hash=templates_hash(),
         dtype=torch.float32,
         F=F,
         D=D,

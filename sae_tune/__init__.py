@@ -12,8 +12,8 @@ from sae_tune.decode import sparse_decode  # noqa: E402
 from sae_tune.dispatch import Decision, explain  # noqa: E402
 from sae_tune.integrations import autopatch as _autopatch  # noqa: E402
 from sae_tune.integrations import patch, patched, unpatch, unpatched  # noqa: E402
-from sae_tune.triton_support import triton_available  # noqa: E402
-from sae_tune.variants import Variant  # noqa: E402
+from sae_tune.targets.triton.support import triton_available  # noqa: E402
+from sae_tune.targets.triton.variant import Variant  # noqa: E402
 
 _autopatch()
 

@@ -9,8 +9,8 @@ import torch
 
 from sae_tune.dispatch import decode as dispatch_decode
 from sae_tune.inputs import autocast_cast, autocast_dtype, check_decode_inputs
-from sae_tune.kernels import check_kernel_tensor, run_variant
-from sae_tune.variants import Variant
+from sae_tune.targets.triton.launch import check_kernel_tensor, run_variant
+from sae_tune.targets.triton.variant import Variant
 
 
 def sparse_decode(

@@ -18,9 +18,9 @@ from sae_tune.artefacts import (
     sha256_hex,
     write_atomic,
 )
-from sae_tune.templates import render as render_mod
-from sae_tune.templates.render import load_module, module_path, render, write_module
-from sae_tune.variants import Variant
+from sae_tune.targets.triton import render as render_mod
+from sae_tune.targets.triton.render import load_module, module_path, render, write_module
+from sae_tune.targets.triton.variant import Variant
 
 VARIANT = Variant(alloc="fixed", overflow="fallback", block_l=2, block_d=64)
 PLANTED = (

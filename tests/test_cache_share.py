@@ -26,7 +26,7 @@ from sae_tune.cache.share import (
     write_export,
 )
 from sae_tune.cache.store import CacheKey, Provenance, Store
-from sae_tune.torch_paths import TORCH_PATHS
+from sae_tune.targets.library.paths import TORCH_PATHS
 
 CPU = {**CPU_KEY_FIELDS, "triton_version": None}
 GPU = {**CPU, "device_name": "NVIDIA GeForce RTX 4090", "capability": "8.9", "triton_version": "3.2.0"}

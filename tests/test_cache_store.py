@@ -413,7 +413,7 @@ def test_import_winners_is_all_or_nothing(store):
 
 
 def test_torch_path_configs_are_exactly_their_build_params(store):
-    from sae_tune.torch_paths import TORCH_PATHS
+    from sae_tune.targets.library.paths import TORCH_PATHS
 
     store.record_trial(make_key(), "embedding_bag_topk", {"k": 64, "chunk": None}, 1.0)
     store.record_trial(make_key(), "dense", {"chunk": 4096}, 1.0)

@@ -3,8 +3,8 @@ import ast
 from click.testing import CliRunner
 
 from sae_tune.cli.main import main
-from sae_tune.templates.render import render
-from sae_tune.variants import Variant
+from sae_tune.targets.triton.render import render
+from sae_tune.targets.triton.variant import Variant
 
 
 def test_show_kernel_prints_the_generated_source():

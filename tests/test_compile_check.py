@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sae_tune.compile_check import ARCHS, parse_arch
+from sae_tune.targets.triton.compile_check import ARCHS, parse_arch
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -28,7 +28,7 @@ def small_space_results():
 
 
 def test_json_lists_every_variant_per_arch_with_resources(small_space_results):
-    from sae_tune.variants import Variant
+    from sae_tune.targets.triton.variant import Variant
 
     space = Variant.search_space(256, 64)
     names = {v.name for v in space}
@@ -43,8 +43,8 @@ def test_json_lists_every_variant_per_arch_with_resources(small_space_results):
 
 def test_bf16_and_fp16_compile_on_sm80_and_sm90():
     code = (
-        "import json, torch; from sae_tune.compile_check import compile_variant; "
-        "from sae_tune.variants import Variant; "
+        "import json, torch; from sae_tune.targets.triton.compile_check import compile_variant; "
+        "from sae_tune.targets.triton.variant import Variant; "
         "vs = [Variant(alloc='fixed', overflow='fallback', block_d=512, block_l=16, num_warps=8), "
         "Variant(alloc='exact', block_l=1, block_d=64, num_warps=2), "
         "Variant(alloc='fixed', overflow='fallback', block_f=4096, block_d=64, block_l=16, num_warps=2)]; "

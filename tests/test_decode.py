@@ -3,7 +3,7 @@ import torch
 from conftest import assert_matches_dense, random_acts, random_weights
 
 from sae_tune import Variant, sparse_decode
-from sae_tune.kernels import TruncationNotAllowed
+from sae_tune.targets.triton.launch import TruncationNotAllowed
 
 EXACT = Variant(alloc="exact", block_d=64, block_l=4, block_f=256)
 FALLBACK = Variant(alloc="fixed", overflow="fallback", max_l0=8, block_d=64, block_l=4, block_f=256)

@@ -185,8 +185,8 @@ def test_main_job_options_before_a_subcommand_are_refused(args):
 
 def test_compile_check_prints_a_line_per_architecture_on_stderr(monkeypatch):
     """Off a terminal compile-check says what it compiles; its JSON on stdout stays parseable."""
-    import sae_tune.compile_check as compile_mod
-    import sae_tune.triton_support as support
+    import sae_tune.targets.triton.compile_check as compile_mod
+    import sae_tune.targets.triton.support as support
 
     def fake_compile_check(space, arch, dtype, progress):
         return [

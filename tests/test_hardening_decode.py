@@ -12,9 +12,9 @@ from sae_tune.cache.store import CacheKey, Provenance, WinnerRecord
 from sae_tune.device import describe_device
 from sae_tune.dispatch import Dispatcher, DispatchWarning, reload, set_dispatcher
 from sae_tune.inputs import check_decode_inputs
-from sae_tune.kernels import build_sparse, decode_sparse
-from sae_tune.templates.render import template_hash
-from sae_tune.torch_paths import embedding_bag_topk
+from sae_tune.targets import templates_hash
+from sae_tune.targets.library.paths import embedding_bag_topk
+from sae_tune.targets.triton.launch import build_sparse, decode_sparse
 
 CPU = torch.device("cpu")
 F, D = 256, 32
@@ -31,7 +31,7 @@ def isolated(isolated_dispatch):
 def record(impl, config, *, dtype="float32", batch=8, l0=8, F=F, D=D):
     key = CacheKey.for_device(
         describe_device(CPU),
-        template_hash=template_hash(),
+        template_hash=templates_hash(),
         dtype=dtype,
         F=F,
         D=D,

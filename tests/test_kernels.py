@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sae_tune.inputs import check_decode_inputs
-from sae_tune.kernels import (
+from sae_tune.targets.triton.launch import (
     MaxL0Exceeded,
     TruncationNotAllowed,
     build_sparse,
@@ -22,7 +22,7 @@ from sae_tune.kernels import (
     decode_sparse,
     run_variant,
 )
-from sae_tune.variants import Variant
+from sae_tune.targets.triton.variant import Variant
 
 ALLOCS = ("exact", "fixed")
 BS, FS, DS, L0S = (1, 4, 32), (256, 1024, 16384), (128, 512, 768), (1, 8, 100)

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from sae_tune.templates import render as render_mod
-from sae_tune.templates.render import load_module, module_digest, module_path, render, template_hash
-from sae_tune.variants import Variant
+from sae_tune.targets.triton import render as render_mod
+from sae_tune.targets.triton.render import load_module, module_digest, module_path, render, template_hash
+from sae_tune.targets.triton.variant import Variant
 
 VARIANTS = [
     Variant(alloc="exact"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_tune.autotune import candidates as candidates_mod
-from sae_tune.autotune.candidates import TRITON, Candidate, search_space
+from sae_tune.autotune.candidates import Candidate, search_space
 from sae_tune.autotune.search import Tuner, optuna_storage, params_of, quiet_optuna, suggest
 from sae_tune.autotune.verify import Reference, check
 from sae_tune.cache.store import Store
@@ -67,7 +67,9 @@ def test_wrong_and_crashing_candidates_are_failed_trials_and_never_win(store, mo
     assert result.failed >= 2
 
 
-def test_search_stops_when_every_candidate_was_tried(store):
+def test_search_stops_when_every_candidate_was_tried(store, monkeypatch):
+    library = tuple(t for t in candidates_mod.TARGETS if t.name == "library")
+    monkeypatch.setattr(candidates_mod, "TARGETS", library)  # a small space: every candidate is tried
     tuner = Tuner(SPEC, store=store)
     result = tuner.tune_batch(64, trials=500)
     space = search_space(SPEC, 64, torch.float32, torch.device("cpu"), tuner.max_l0s)
@@ -95,9 +97,12 @@ def test_warm_start_from_neighbouring_batch_sizes(store):
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_params_round_trip_through_suggest(device):
     space = search_space(SPEC, 64, torch.float32, torch.device(device), (32, 48))
-    cands = [Candidate.of(i, space.torch_config(i, c)) for i in space.torch_impls for c in space.chunks]
-    cands += [Candidate.of(TRITON, v.to_dict()) for v in space.variants[:: max(1, len(space.variants) // 40)]]
-    assert bool(space.variants) == (device == "cuda")
+    cands = [
+        Candidate.of(i, c)
+        for i, configs in space.configs.items()
+        for c in configs[:: max(1, len(configs) // 40)]
+    ]
+    assert ("triton" in space.impls) == (device == "cuda") and ("cpu" in space.impls) == (device == "cpu")
     for cand in cands:
         assert suggest(optuna.trial.FixedTrial(params_of(cand, space)), space) == cand
 
@@ -151,10 +156,9 @@ def test_two_processes_tune_one_study_together(tmp_path):
         assert len([t for t in s.trials() if t.trial_number is None]) >= 2 * 4  # both timed the baselines
 
 
-def test_search_space_module_has_no_triton_on_cpu(monkeypatch):
-    monkeypatch.setattr(candidates_mod, "triton_unavailable_reason", lambda device: None)
+def test_search_space_module_has_no_triton_on_cpu():
     space = search_space(SPEC, 8, torch.float32, torch.device("cpu"), (32,))
-    assert not space.variants  # even where the interpreter could run them, CPU never races kernels
+    assert "triton" not in space.impls  # even where the interpreter could run them, CPU never races them
 
 
 def test_every_timing_is_stored_with_its_spread(store):

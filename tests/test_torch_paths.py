@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from sae_tune.autotune.workload import synthetic_acts
 from sae_tune.specs import get_spec
-from sae_tune.torch_paths import (
+from sae_tune.targets.library.paths import (
     TORCH_PATHS,
     UnsupportedPathError,
     chunked,

@@ -7,7 +7,7 @@ import torch
 from packaging.requirements import Requirement
 
 from sae_tune import Variant, sparse_decode, triton_available
-from sae_tune.triton_support import interpreter_active, triton_installed, triton_unavailable_reason
+from sae_tune.targets.triton.support import interpreter_active, triton_installed, triton_unavailable_reason
 
 
 def test_interpreter_makes_cpu_tensors_runnable():
@@ -25,7 +25,7 @@ def test_without_interpreter_cpu_is_refused_with_a_reason(monkeypatch):
 
 
 def test_without_triton_nothing_crashes_and_kernels_report_it(monkeypatch):
-    import sae_tune.triton_support as ts
+    import sae_tune.targets.triton.support as ts
 
     monkeypatch.setattr(ts, "triton_installed", lambda: False)
     assert not triton_available("cuda")
@@ -35,7 +35,7 @@ def test_without_triton_nothing_crashes_and_kernels_report_it(monkeypatch):
 
 def _reason_when_importing_triton_raises(error: ImportError | None) -> str | None:
     """The reason for a CUDA device when ``import triton`` fails with ``error`` (None: not installed)."""
-    import sae_tune.triton_support as ts
+    import sae_tune.targets.triton.support as ts
 
     real_import = builtins.__import__
 
@@ -96,7 +96,7 @@ def test_import_without_triton_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
-    code = "import sae_tune.triton_support as ts; print(ts.triton_unavailable_reason('cuda'))"
+    code = "import sae_tune.targets.triton.support as ts; print(ts.triton_unavailable_reason('cuda'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "cannot be imported" in done.stdout and "triton is blocked for this test" in done.stdout

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sae_tune.variants import TILE_ELEMS_PER_THREAD, Variant
+from sae_tune.targets.triton.variant import TILE_ELEMS_PER_THREAD, Variant
 
 
 def test_defaults_and_examples_from_the_docs_are_valid():

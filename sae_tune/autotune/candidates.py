@@ -1,8 +1,8 @@
-"""Candidates the tuner races: library paths built from torch ops, and generated Triton variants.
+"""Candidates the tuner races: every target's default space for the job (``sae_tune.targets``).
 
 A candidate is an implementation name and a JSON-able config, the same pair the cache stores. Only
-candidates that can never return a wrong result for the workload are offered: truncating paths appear
-only where no token can exceed their cap (a TopK SAE with k <= cap).
+candidates that can never return a wrong result for the workload are offered (each target's ``space``
+leaves out what could truncate a token of this SAE), and only where their timings are speeds.
 """
 
 from __future__ import annotations
@@ -14,13 +14,7 @@ from typing import Any
 import torch
 
 from sae_tune.specs import SAESpec
-from sae_tune.torch_paths import TORCH_PATHS, DecodeFn
-from sae_tune.triton_support import triton_unavailable_reason
-from sae_tune.variants import Variant
-
-TRITON = "triton"
-# Token chunks raced for the library paths (0 = the whole batch at once).
-CHUNKS = (0, 16, 64, 256)
+from sae_tune.targets import TARGETS, DecodeFn, SpaceRequest, target_of
 
 
 @dataclass(frozen=True)
@@ -40,67 +34,58 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        if self.impl == TRITON:
-            return f"triton[{Variant.from_dict(self.config).name}]"
-        params = ",".join(f"{k}={v}" for k, v in sorted(self.config.items()) if v is not None)
-        return f"{self.impl}[{params}]" if params else self.impl
+        return target_of(self.impl).label(self.impl, self.config)
 
     def build(self) -> DecodeFn:
         """The callable that decodes ``(acts, W_dec, b_dec)`` with this candidate."""
-        if self.impl == TRITON:
-            from sae_tune.decode import sparse_decode
-
-            variant = Variant.from_dict(self.config)
-
-            def run(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
-                return sparse_decode(acts, W_dec, b_dec, variant=variant)
-
-            return run
-        return TORCH_PATHS[self.impl].build(**self.config)
+        return target_of(self.impl).build(self.impl, self.config)
 
 
-def library_baselines(dtype: torch.dtype, device: torch.device) -> list[Candidate]:
-    """The library paths at their defaults: always timed, so a tuned result is never worse than them."""
-    return [
-        Candidate.of(name, {})
-        for name, path in TORCH_PATHS.items()
-        if not path.params and path.supports(dtype, device)
-    ]
+def baselines(dtype: torch.dtype, device: torch.device) -> list[Candidate]:
+    """Every target's reference paths at their defaults (dense and the library paths): always timed, so a
+    tuned result is never worse than what a user could write."""
+    return [Candidate.of(impl, {}) for t in TARGETS for impl in t.baselines(dtype, device)]
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What a study may choose from, for one device, dtype, SAE and batch bucket."""
+    """What a study may choose from: for each implementation, its configs in the targets' order."""
 
-    torch_impls: tuple[str, ...]
-    topk_k: int | None
-    chunks: tuple[int, ...]
-    variants: tuple[Variant, ...]
+    request: SpaceRequest
+    configs: dict[str, tuple[dict[str, Any], ...]]
 
     @property
     def impls(self) -> tuple[str, ...]:
-        return self.torch_impls + ((TRITON,) if self.variants else ())
+        return tuple(self.configs)
 
-    def torch_config(self, impl: str, chunk: int) -> dict[str, Any]:
-        config: dict[str, Any] = {"k": self.topk_k} if TORCH_PATHS[impl].params else {}
-        if chunk:
-            config["chunk"] = chunk
-        return config
+    def fields(self, impl: str) -> tuple[str, ...]:
+        """The config fields of ``impl`` in the order they first appear (the variant's field order)."""
+        seen: dict[str, None] = {}
+        for config in self.configs[impl]:
+            seen.update(dict.fromkeys(config))
+        return tuple(seen)
+
+    def values(self, impl: str, name: str) -> list[Any]:
+        """Every value ``name`` takes among the configs of ``impl`` (None where a config leaves it out)."""
+        seen: dict[Any, None] = {}
+        for config in self.configs[impl]:
+            seen[config.get(name)] = None
+        return list(seen)
 
     def contains(self, cand: Candidate) -> bool:
-        if cand.impl == TRITON:
-            try:
-                return Variant.from_dict(cand.config) in self.variants
-            except (TypeError, ValueError):
-                return False
-        if cand.impl not in self.torch_impls:
-            return False
-        config = cand.config
-        chunk = config.get("chunk") or 0
-        return chunk in self.chunks and config == self.torch_config(cand.impl, chunk)
+        return cand.config in self.configs.get(cand.impl, ())
 
     def size(self) -> int:
-        return len(self.torch_impls) * len(self.chunks) + len(self.variants)
+        return sum(len(c) for c in self.configs.values())
+
+    def warm_starts(self) -> list[Candidate]:
+        """The targets' own first tries (their default variants) that lie in this space."""
+        out = []
+        for target in TARGETS:
+            for impl in target.impls:
+                if impl in self.configs:
+                    out += [Candidate.of(impl, c) for c in target.warm_starts(self.request)]
+        return [c for c in out if self.contains(c)]
 
 
 def search_space(
@@ -110,27 +95,18 @@ def search_space(
     device: torch.device,
     max_l0s: tuple[int, ...],
 ) -> SearchSpace:
-    """The candidates for this tuning job; Triton variants only where they run for real (CUDA)."""
-    impls = []
-    topk_k = spec.k if spec.arch == "topk" else None
-    for name, path in TORCH_PATHS.items():
-        if not path.supports(dtype, device):
-            continue
-        if path.can_truncate and topk_k is None:
-            continue  # a JumpReLU token can fire any number of features: a fixed k could drop some
-        impls.append(name)
-    chunks = tuple(c for c in CHUNKS if c < batch_bucket)
-    variants: tuple[Variant, ...] = ()
-    if device.type == "cuda" and triton_unavailable_reason(device) is None:
-        caps = tuple(sorted(set(max_l0s) | ({topk_k} if topk_k else set())))
-        space = Variant.search_space(spec.width, spec.d_model, dtype, max_l0s=caps, allow_unchecked=True)
-        variants = tuple(v for v in space if overflow_impossible_or_handled(v, topk_k))
-    return SearchSpace(tuple(impls), topk_k, chunks, variants)
-
-
-def overflow_impossible_or_handled(variant: Variant, topk_k: int | None) -> bool:
-    """May the tuner pick this variant? ``fallback`` and exact allocation handle any L0; ``validate``
-    (raises) and ``unchecked`` (truncates) only where no token can exceed max_l0: TopK with k <= max_l0."""
-    if variant.alloc == "exact" or variant.overflow == "fallback":
-        return True
-    return topk_k is not None and topk_k <= variant.max_l0
+    """The candidates for this tuning job, from every target that runs for real on ``device``."""
+    request = SpaceRequest(
+        F=spec.width,
+        D=spec.d_model,
+        dtype=dtype,
+        device=device,
+        batch_bucket=batch_bucket,
+        max_l0s=tuple(max_l0s),
+        topk_k=spec.k if spec.arch == "topk" else None,
+    )
+    configs: dict[str, list[dict[str, Any]]] = {}
+    for target in TARGETS:
+        for impl, config in target.space(request):
+            configs.setdefault(impl, []).append(config)
+    return SearchSpace(request, {impl: tuple(c) for impl, c in configs.items()})

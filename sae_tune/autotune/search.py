@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 import torch
 
-from sae_tune.autotune.candidates import TRITON, Candidate, SearchSpace, library_baselines, search_space
+from sae_tune.autotune.candidates import Candidate, SearchSpace, baselines, search_space
 from sae_tune.autotune.timing import Timing, time_fn, time_interleaved
 from sae_tune.autotune.verify import Reference, check
 from sae_tune.autotune.workload import (
@@ -32,8 +32,7 @@ from sae_tune.autotune.workload import (
 from sae_tune.cache.store import CacheKey, Store, WinnerRecord
 from sae_tune.device import describe_device
 from sae_tune.specs import SAESpec
-from sae_tune.templates.render import template_hash
-from sae_tune.variants import Variant
+from sae_tune.targets import templates_hash
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +213,7 @@ class Tuner:
     def key(self, batch_size: int, mean_l0: float) -> CacheKey:
         return CacheKey.for_device(
             self.info,
-            template_hash=template_hash(),
+            template_hash=templates_hash(),
             dtype=self.dtype,
             F=self.spec.width,
             D=self.spec.d_model,
@@ -270,8 +269,8 @@ class Tuner:
                 spread=spread_of(timing),
             )
 
-        baselines: dict[str, float] = {}
-        library = library_baselines(self.dtype, self.device)
+        reference: dict[str, float] = {}
+        library = baselines(self.dtype, self.device)
         self._say(f"B={batch_size}: baselines ({len(library)} library paths)")
         for cand in library:
             try:
@@ -281,10 +280,10 @@ class Tuner:
                 failures[cand] = str(exc)
                 failed += 1
                 continue
-            baselines[cand.impl] = measured[cand] = timing.ms
+            reference[cand.impl] = measured[cand] = timing.ms
             record(cand, timing, None, None)
             self.store.record_baseline(key, cand.impl, timing.ms, spread=spread_of(timing))
-        if "dense" not in baselines:
+        if "dense" not in reference:
             reason = failures.get(Candidate.of("dense", {}), "unknown")
             raise TuneError(
                 f"batch size {batch_size}: the dense product failed on this workload ({reason}); "
@@ -338,8 +337,8 @@ class Tuner:
             gc_after_trial=False,
         )
         self._say(f"B={batch_size}: final re-timing (up to {FINALISTS} best and the baselines, interleaved)")
-        best, final = self._final(measured, work, baselines)
-        final_baselines = {impl: final[Candidate.of(impl, {})].ms for impl in baselines}
+        best, final = self._final(measured, work, reference)
+        final_baselines = {impl: final[Candidate.of(impl, {})].ms for impl in reference}
         dense_ms = final_baselines["dense"]
         self.store.set_winner_if_faster(
             key, best.impl, best.config, final[best].ms, dense_ms, spread=spread_of(final[best])
@@ -385,12 +384,8 @@ class Tuner:
         return best, by_cand
 
     def _warm_starts(self, space: SearchSpace, key: CacheKey) -> Iterable[dict[str, Any]]:
-        """The default variant, and the winners of neighbouring shapes and batch sizes on this device."""
-        starts: list[Candidate] = []
-        if space.variants:
-            default = Variant(alloc="fixed", overflow="fallback", max_l0=max(self.max_l0s))
-            starts.append(Candidate.of(TRITON, default.to_dict()))
-            starts.append(Candidate.of(TRITON, Variant().to_dict()))
+        """The targets' default variants, and the winners of neighbouring shapes and batch sizes here."""
+        starts: list[Candidate] = space.warm_starts()
         neighbours: list[WinnerRecord] = [
             w
             for w in self.store.winners(self.info.name)
@@ -409,42 +404,53 @@ class Tuner:
 
 
 # --- Optuna parameters <-> candidates -------------------------------------------------------------------
-_VARIANT_FIELDS = ("alloc", "overflow", "max_l0", "block_f", "block_d", "block_l", "num_warps")
+# Define-by-run: the implementation, then each field of its config in the variant's order, asked only
+# while the configs left differ in it (so exact allocation never asks for an overflow policy). The first
+# field is the structure (alloc, family): later parameters are named per structure, so their choices are
+# the values that structure takes. A pick that no config left has is skipped (the next fields decide),
+# so every trial measures a real candidate instead of being pruned.
 
 
-def _choices(space: SearchSpace, name: str, alloc: str | None = None) -> list[Any]:
-    values = {getattr(v, name) for v in space.variants if alloc is None or v.alloc == alloc}
-    return sorted(values)
+def _walk(space: SearchSpace, impl: str, pick: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Narrow the configs of ``impl`` field by field with ``pick(param, choices)``: the config reached
+    and the parameters that were asked."""
+    configs = space.configs[impl]
+    left = list(configs)
+    asked: dict[str, Any] = {}
+    prefix = impl
+    for position, name in enumerate(space.fields(impl)):
+        values = {c.get(name) for c in left}
+        if len(values) > 1:
+            param = f"{prefix}.{name}"
+            choices = list(dict.fromkeys(c.get(name) for c in configs if _same_structure(c, left[0], prefix)))
+            asked[param] = value = pick(param, choices)
+            narrowed = [c for c in left if c.get(name) == value]
+            left = narrowed or left
+        if position == 0:
+            prefix = f"{impl}.{left[0].get(name)}"
+    return left[0], asked
+
+
+def _same_structure(config: dict[str, Any], reference: dict[str, Any], prefix: str) -> bool:
+    """Whether ``config`` has the structure (first field value) named in ``prefix``."""
+    if "." not in prefix:
+        return True
+    first = next(iter(reference))
+    return str(config.get(first)) == prefix.split(".", 1)[1]
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> Candidate:
-    """Define-by-run parameters: the implementation, then its own parameters."""
+    """The candidate of one trial: the implementation, then its own parameters."""
     impl = trial.suggest_categorical("impl", list(space.impls))
-    if impl != TRITON:
-        chunk = trial.suggest_categorical(f"{impl}.chunk", list(space.chunks)) if len(space.chunks) > 1 else 0
-        return Candidate.of(impl, space.torch_config(impl, chunk))
-    fields: dict[str, Any] = {"alloc": trial.suggest_categorical("alloc", _choices(space, "alloc"))}
-    if fields["alloc"] == "fixed":
-        fields["overflow"] = trial.suggest_categorical("overflow", _choices(space, "overflow", "fixed"))
-        fields["max_l0"] = trial.suggest_categorical("max_l0", _choices(space, "max_l0", "fixed"))
-    for name in _VARIANT_FIELDS[3:]:
-        fields[name] = trial.suggest_categorical(name, _choices(space, name))
-    cand = Candidate.of(TRITON, Variant(**fields).to_dict())
-    if not space.contains(cand):
-        raise optuna.TrialPruned("outside the default space (register budget or overflow gate)")
-    return cand
+    config, _ = _walk(space, impl, trial.suggest_categorical)
+    return Candidate.of(impl, config)
 
 
 def params_of(cand: Candidate, space: SearchSpace) -> dict[str, Any]:
     """The Optuna parameters that make ``suggest`` return ``cand`` (for warm starts)."""
-    if cand.impl != TRITON:
-        params: dict[str, Any] = {"impl": cand.impl}
-        if len(space.chunks) > 1:
-            params[f"{cand.impl}.chunk"] = cand.config.get("chunk") or 0
-        return params
-    variant = Variant.from_dict(cand.config)
-    names = _VARIANT_FIELDS if variant.alloc == "fixed" else ("alloc", *_VARIANT_FIELDS[3:])
-    return {"impl": TRITON, **{n: getattr(variant, n) for n in names}}
+    config = cand.config
+    _, asked = _walk(space, cand.impl, lambda param, choices: config.get(param.rsplit(".", 1)[1]))
+    return {"impl": cand.impl, **asked}
 
 
 def default_batch_sizes(device: torch.device) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from sae_tune.variants import Variant
+from sae_tune.targets.triton.variant import Variant
 
 CUDA_METHOD = "measured: torch.cuda.max_memory_allocated"
 CPU_METHOD = "measured: torch CPU allocator (profiler memory events; excludes MKL-internal buffers)"

@@ -1,9 +1,10 @@
 """The decode paths the benchmark compares, each as a full pipeline and (where it has one) split into
 preparing the sparse structure and the kernel that consumes it.
 
-Library paths come from ``sae_tune.torch_paths`` (the same callables the tuner races); the Triton modes
-use the launchers of ``sae_tune.kernels`` with default block sizes; the dispatcher row calls
-``sae_tune.sparse_decode`` without a variant, and is reported as not available while that needs one.
+Library paths come from ``sae_tune.targets.library.paths`` (the same callables the tuner races); the
+Triton modes use the launchers of ``sae_tune.targets.triton.launch`` with default block sizes; the
+dispatcher row calls ``sae_tune.sparse_decode`` without a variant, and is reported as not available
+while that needs one.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 
 from sae_tune.autotune.workload import max_l0_candidates
 from sae_tune.bench.problem import Problem
-from sae_tune.torch_paths import TORCH_PATHS
-from sae_tune.variants import Variant
+from sae_tune.targets.library.paths import TORCH_PATHS
+from sae_tune.targets.triton.variant import Variant
 
 Full = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Prepare = Callable[[torch.Tensor], Any]
@@ -137,7 +138,7 @@ def triton_caps(problem: Problem) -> tuple[int, int]:
 
 def _triton_path(name: str, variant: Variant, allow_truncation: bool, note: str) -> BenchPath:
     from sae_tune.decode import sparse_decode
-    from sae_tune.kernels import build_sparse, check_overflow, decode_sparse
+    from sae_tune.targets.triton.launch import build_sparse, check_overflow, decode_sparse
 
     def full(a: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return sparse_decode(a, W, b, variant=variant, allow_truncation=allow_truncation)

@@ -15,7 +15,7 @@ from sae_tune.bench.measure import Measurement, Timer
 from sae_tune.bench.problem import WeightCache
 from sae_tune.bench.tables import RUNNERS, BenchContext
 from sae_tune.device import cpu_model_name, describe_device
-from sae_tune.triton_support import interpreter_active, triton_unavailable_reason
+from sae_tune.targets.triton.support import interpreter_active, triton_unavailable_reason
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from sae_tune.bench.paths import (
 )
 from sae_tune.bench.problem import Problem, WeightCache, make_problem
 from sae_tune.specs import SAESpec, spec_from_shape
-from sae_tune.variants import Variant
+from sae_tune.targets.triton.variant import Variant
 
 SUMMARY = "summary"
 SPLIT = "kernel_vs_pipeline"

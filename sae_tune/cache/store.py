@@ -38,8 +38,7 @@ from sqlite_utils import Database
 from sqlite_utils.db import Table
 
 from sae_tune.paths import user_cache_dir
-from sae_tune.torch_paths import TORCH_PATHS
-from sae_tune.variants import Variant
+from sae_tune.targets import IMPLS, ConfigFieldError, target_of
 
 SCHEMA_NAME = "sae-tune-cache"
 SCHEMA_VERSION = 2  # 2: "spread" on trials, baselines and winners; "origin" on winners
@@ -48,8 +47,6 @@ DEFAULT_FILE_NAME = "cache.sqlite"
 
 OPS = ("decode",)
 DTYPES = ("float32", "float16", "bfloat16")
-# Every candidate that may be stored: the torch-built paths by name, and "triton" (configs are Variant dicts).
-IMPLS = (*TORCH_PATHS, "triton")
 SOURCES = ("measured", "imported", "shipped")
 TABLES = ("meta", "trials", "winners", "baselines")
 
@@ -74,7 +71,6 @@ MAX_BATCH_BUCKET = 1 << 24
 MAX_MS = 1e7
 MAX_ERROR_CHARS = 4000
 MAX_TEXT = 200
-MAX_CONFIG_INT = 1 << 24
 MAX_SPREAD = 1e6
 MAX_ORIGIN = 200
 
@@ -261,37 +257,20 @@ def check_impl(value: Any) -> str:
 def validate_config(impl: str, config: Any) -> dict[str, Any]:
     """Check a candidate's config and return its canonical form.
 
-    Triton configs must be accepted by ``Variant.from_dict`` (and are stored as its ``to_dict()``), so a
-    config can only ever name a known kernel variant. Torch paths take exactly their build parameters
-    (``TorchPath.params``) plus an optional ``chunk``, all positive ints: what ``TorchPath.build`` accepts,
-    and nothing a template or ``eval`` could misuse.
+    The config is parsed by the target that owns ``impl`` through its typed variant (``Target.parse``),
+    so a config can only ever name a known kernel variant or a library path's int parameters: nothing a
+    template or ``eval`` could misuse.
     """
     check_impl(impl)
     if type(config) is not dict:
         raise FieldError("config", f"must be an object, got {type(config).__name__} {_show(config)}")
-    if impl == "triton":
-        try:
-            return Variant.from_dict(config).to_dict()
-        except (TypeError, ValueError) as exc:
-            raise FieldError("config", f"not a valid triton Variant: {exc}") from None
-    required = TORCH_PATHS[impl].params
-    allowed = (*required, "chunk")
-    unknown = sorted(_show(k) for k in config if k not in allowed)
-    if unknown:
-        raise FieldError(
-            "config", f"unknown parameter(s) {', '.join(unknown)} for {impl} (takes {list(allowed)})"
-        )
-    for name in required:
-        if name not in config:
-            raise FieldError(f"config.{name}", f"missing: {impl} needs {list(required)}")
-    out: dict[str, Any] = {}
-    for name in allowed:
-        if name in config:
-            value = config[name]
-            if not (name == "chunk" and value is None):
-                _int(f"config.{name}", value, 1, MAX_CONFIG_INT)
-            out[name] = value
-    return out
+    target = target_of(impl)
+    try:
+        return target.parse(impl, config)
+    except ConfigFieldError as exc:
+        raise FieldError(f"config.{exc.field}", str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise FieldError("config", f"not a valid {target.name} config for {impl}: {exc}") from None
 
 
 def check_provenance_field(name: str, value: Any) -> str:
@@ -479,8 +458,11 @@ class MergeResult:
 def check_winner(key: CacheKey, impl: str, config: Any, ms: Any, dense_ms: Any) -> dict[str, Any]:
     """Validate a would-be winner; returns the canonical config."""
     check_impl(impl)
-    if impl == "triton" and key.is_cpu:
-        raise FieldError("impl", "a triton time on a CPU key is an interpreter time, never a speed")
+    kind = "cpu" if key.is_cpu else "cuda"
+    if kind not in target_of(impl).timed_kinds:
+        raise FieldError(
+            "impl", f"a {impl} time on a {kind} key is an interpreter time or none at all, never a speed"
+        )
     canonical = validate_config(impl, config)
     check_ms("ms", ms)
     check_ms("dense_ms", dense_ms, optional=True)

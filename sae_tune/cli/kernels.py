@@ -10,7 +10,7 @@ from collections import Counter
 import click
 
 from sae_tune.cli.options import DTYPES, dtype_option, variant_options
-from sae_tune.variants import Variant
+from sae_tune.targets.triton.variant import Variant
 
 
 @click.command("show-kernel")
@@ -18,7 +18,7 @@ from sae_tune.variants import Variant
 @click.option("--path", "show_path", is_flag=True, help="Print where the generated file is instead.")
 def show_kernel(variant: Variant, show_path: bool) -> None:
     """Print the generated Triton source of one variant."""
-    from sae_tune.templates.render import render, write_module
+    from sae_tune.targets.triton.render import render, write_module
 
     if show_path:
         try:
@@ -56,8 +56,8 @@ def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as
     """
     from tqdm import tqdm
 
-    from sae_tune.compile_check import ARCHS, compile_check
-    from sae_tune.triton_support import interpreter_active, triton_installed
+    from sae_tune.targets.triton.compile_check import ARCHS, compile_check
+    from sae_tune.targets.triton.support import interpreter_active, triton_installed
 
     bad = [a for a in archs if a not in ARCHS]
     if bad:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 import torch
 
-from sae_tune.variants import ALLOCS, OVERFLOWS, Variant
+from sae_tune.targets.triton.variant import ALLOCS, OVERFLOWS, Variant
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -22,9 +22,6 @@ from dataclasses import dataclass
 import torch
 
 MARGIN = 0.8
-# torch ops each path runs besides its data movement (see torch_paths): used with the per-op overhead.
-OPS = {"dense": 1, "embedding_bag_csr": 9, "triton": 6}  # triton exact: count, cumsum, fill, decode, sync
-_BIAS_OPS = 1
 
 
 @dataclass(frozen=True)
@@ -107,25 +104,17 @@ def predict(
     rates: Rates,
     has_bias: bool = True,
 ) -> dict[str, float]:
-    """Predicted seconds per decode of each of ``paths`` ("dense", "embedding_bag_csr", "triton")."""
-    N, s, bw = n_tokens, itemsize, rates.bandwidth
-    nnz = N * mean_l0
-    out = N * D * s
-    bias = (2 * out / bw + _BIAS_OPS * rates.op_overhead) if has_bias else 0.0
+    """Predicted seconds per decode of each of ``paths``: each target prices its own implementations."""
+    from sae_tune.targets import ModelProblem, target_of
+
+    problem = ModelProblem(n_tokens, F, D, mean_l0, itemsize, has_bias)
     costs = {}
     for path in paths:
-        if path not in OPS:
-            raise ValueError(f"the cost model has no formula for {path!r}")
-        ops = OPS[path] * rates.op_overhead
-        if path == "dense":
-            moved = (F * D + N * F) * s + out
-            costs[path] = ops + max(moved / bw, 2 * N * F * D / rates.flops) + bias
-        elif path == "embedding_bag_csr":
-            moved = nnz * (D * s + 16 + s) + out  # fired rows, (token, feature) pairs, values
-            costs[path] = ops + N * F / rates.scan + moved / bw + bias
-        else:
-            moved = 2 * N * F * s + nnz * (D * s + 4 + s) + out  # triton: 2 passes over acts, CSR, rows
-            costs[path] = ops + moved / bw
+        try:
+            target = target_of(path)
+        except ValueError:
+            raise ValueError(f"the cost model has no formula for {path!r}") from None
+        costs[path] = target.cost(path, problem, rates)
     return costs
 
 
@@ -137,7 +126,7 @@ class ModelChoice:
 
 
 def choose(
-    paths: tuple[str, ...],
+    paths: tuple[str, ...] | dict[str, dict],
     *,
     n_tokens: int,
     F: int,
@@ -147,9 +136,18 @@ def choose(
     rates: Rates,
     has_bias: bool = True,
 ) -> ModelChoice:
-    """The predicted fastest path; a sparse path only if it beats dense by ``MARGIN``."""
+    """The predicted fastest path (``paths`` maps each to the config it would run with); a sparse path
+    only if it beats dense by ``MARGIN``."""
+    configs = paths if isinstance(paths, dict) else {p: {} for p in paths}
     costs = predict(
-        paths, n_tokens=n_tokens, F=F, D=D, mean_l0=mean_l0, itemsize=itemsize, rates=rates, has_bias=has_bias
+        tuple(configs),
+        n_tokens=n_tokens,
+        F=F,
+        D=D,
+        mean_l0=mean_l0,
+        itemsize=itemsize,
+        rates=rates,
+        has_bias=has_bias,
     )
     best = min(costs, key=costs.__getitem__)
     if best != "dense" and costs[best] > MARGIN * costs["dense"]:
@@ -159,9 +157,4 @@ def choose(
         f"cost model at mean L0 {mean_l0:.3g}, {rates.bandwidth / 1e9:.3g} GB/s, "
         f"{rates.op_overhead * 1e6:.2g} us/op: {others}"
     )
-    config: dict = {}
-    if best == "triton":
-        from sae_tune.variants import Variant
-
-        config = Variant().to_dict()
-    return ModelChoice(best, config, reason)
+    return ModelChoice(best, dict(configs[best]), reason)

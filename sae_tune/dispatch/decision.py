@@ -19,8 +19,9 @@ class DispatchWarning(UserWarning):
 class Decision:
     """The path a decode takes and why; returned by ``sae_tune.explain``.
 
-    implementation  "dense", a library path name ("embedding_bag_csr", ...) or "triton".
-    config          the parameters it runs with (a Variant dict for "triton"), read-only.
+    implementation  the implementation name of a target: "dense", a library path ("embedding_bag_csr",
+                    ...), "triton" or "cpu" (generated kernels).
+    config          the parameters it runs with (the target's variant as a dict), read-only.
     source          where the choice came from: "cache" (tuned here, this batch bucket), "nearest"
                     (tuned here, another batch bucket or software version), "shipped" (per-GPU file),
                     "model" (cost model) or "dense" (nothing else applies).
@@ -78,16 +79,12 @@ class Option:
 
     @property
     def label(self) -> str:
-        config = self.config
-        if self.impl == "triton":
-            from sae_tune.variants import Variant
+        from sae_tune.targets import target_of
 
-            try:
-                return f"triton[{Variant.from_dict(config).name}]"
-            except (TypeError, ValueError):
-                return f"triton{config}"
-        params = ",".join(f"{k}={v}" for k, v in sorted(config.items()) if v is not None)
-        return f"{self.impl}[{params}]" if params else self.impl
+        try:
+            return target_of(self.impl).label(self.impl, self.config)
+        except ValueError:  # an implementation no target owns: named as stored
+            return f"{self.impl}{self.config}"
 
     def decision(self) -> Decision:
         return Decision(self.impl, self.config, self.source, self.reason)

@@ -42,9 +42,9 @@ from sae_tune.dispatch import costmodel
 from sae_tune.dispatch.decision import Decision, DispatchWarning, Option
 from sae_tune.dispatch.grad import DecodeFn, needs_grad, with_dense_backward
 from sae_tune.dispatch.identity import device_identity
-from sae_tune.dispatch.runtime import KERNEL_DTYPES, CallContext, build, gate, verify
+from sae_tune.dispatch.runtime import build, gate, verify
 from sae_tune.inputs import DecodeInputs, autocast_cast, autocast_dtype, check_decode_inputs
-from sae_tune.triton_support import triton_unavailable_reason
+from sae_tune.targets import TARGETS, CallFacts
 
 log = logging.getLogger("sae_tune")
 
@@ -181,7 +181,7 @@ class Dispatcher:
         return CacheIndex(local, shipped)
 
     # --- planning -----------------------------------------------------------------------------------
-    def _plan(self, key: tuple[Any, ...], ctx: CallContext, F: int, D: int, bucket: int) -> _Plan:
+    def _plan(self, key: tuple[Any, ...], ctx: CallFacts, F: int, D: int, bucket: int) -> _Plan:
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -209,7 +209,7 @@ class Dispatcher:
             fn = self._fns.setdefault(option.what, build(option))
         return fn
 
-    def _model(self, plan: _Plan, inputs: DecodeInputs, ctx: CallContext) -> Option:
+    def _model(self, plan: _Plan, inputs: DecodeInputs, ctx: CallFacts) -> Option:
         with plan.lock:
             if plan.model is None:
                 plan.model_l0 = _mean_l0(inputs)
@@ -217,14 +217,12 @@ class Dispatcher:
             return plan.model
 
     @staticmethod
-    def _model_option(inputs: DecodeInputs, ctx: CallContext, mean_l0: float) -> Option:
-        paths: tuple[str, ...] = ("dense", "embedding_bag_csr")
-        if (
-            ctx.device.type == "cuda"
-            and ctx.dtype in KERNEL_DTYPES
-            and triton_unavailable_reason(ctx.device) is None
-        ):
-            paths += ("triton",)
+    def _model_option(inputs: DecodeInputs, ctx: CallFacts, mean_l0: float) -> Option:
+        paths = {
+            impl: config
+            for target in TARGETS
+            for impl, config in target.modelled(ctx.device, ctx.dtype, inputs.F, inputs.D)
+        }
         try:
             rates = costmodel.measure_rates(ctx.device, ctx.dtype)
         except Exception as exc:  # measuring failed (e.g. out of memory): stay with what the user had
@@ -242,13 +240,13 @@ class Dispatcher:
         return Option.of(choice.impl, choice.config, "model", choice.reason)
 
     # --- choosing -----------------------------------------------------------------------------------
-    def _plan_for(self, inputs: DecodeInputs, ctx: CallContext) -> tuple[_Plan, tuple[Any, ...]]:
+    def _plan_for(self, inputs: DecodeInputs, ctx: CallFacts) -> tuple[_Plan, tuple[Any, ...]]:
         bucket = 1 << max(0, inputs.n_tokens - 1).bit_length()
         key = (ctx.device, ctx.dtype, inputs.F, inputs.D, bucket, ctx.k, ctx.allow_truncation)
         return self._plans.get(key) or self._plan(key, ctx, inputs.F, inputs.D, bucket), key
 
     def _choose(
-        self, inputs: DecodeInputs, ctx: CallContext, *, run: bool
+        self, inputs: DecodeInputs, ctx: CallFacts, *, run: bool
     ) -> tuple[Option, torch.Tensor | None]:
         """The option for this call; with ``run``, unverified options are verified (their output is
         returned so the first call does not compute twice)."""
@@ -360,7 +358,7 @@ class Dispatcher:
         allow_truncation: bool,
     ) -> torch.Tensor:
         inputs = check_decode_inputs(feature_acts, W_dec, b_dec)
-        ctx = CallContext(inputs.acts.device, inputs.acts.dtype, k, bool(allow_truncation))
+        ctx = CallFacts(inputs.acts.device, inputs.acts.dtype, k, bool(allow_truncation))
         option, out = self._choose(inputs, ctx, run=True)
         if option.impl == "dense":
             return _dense_expression(feature_acts, W_dec, b_dec)
@@ -391,7 +389,7 @@ class Dispatcher:
             decision = Decision("dense", DENSE_CONFIG, "dense", "empty batch: nothing to gather")
         else:
             inputs = check_decode_inputs(feature_acts, W_dec, b_dec)
-            ctx = CallContext(inputs.acts.device, inputs.acts.dtype, k, bool(allow_truncation))
+            ctx = CallFacts(inputs.acts.device, inputs.acts.dtype, k, bool(allow_truncation))
             option = self._choose(inputs, ctx, run=False)[0]
             if option.source == "model":
                 option = self._model_for_batch(option, inputs, ctx)
@@ -404,7 +402,7 @@ class Dispatcher:
         log.debug("sae_tune explain: %s", decision)
         return decision
 
-    def _model_for_batch(self, option: Option, inputs: DecodeInputs, ctx: CallContext) -> Option:
+    def _model_for_batch(self, option: Option, inputs: DecodeInputs, ctx: CallFacts) -> Option:
         """The model's ``option`` with a reason that quotes this batch (its mean L0 and the predicted
         costs at it), not the first batch of the shape the choice was made for; explain may count."""
         plan, _ = self._plan_for(inputs, ctx)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sae_tune.torch_paths import DecodeFn
+from sae_tune.targets.library.paths import DecodeFn
 
 
 class SparseDecodeFunction(torch.autograd.Function):

@@ -194,13 +194,12 @@ def _stale(rec: WinnerRecord, ident: Identity) -> list[str]:
     out = []
     if rec.key.torch_version != ident.torch_version:
         out.append(f"torch {rec.key.torch_version}")
-    if rec.impl == "triton":
-        from sae_tune.templates.render import template_hash
+    from sae_tune.targets import target_of
 
-        if rec.key.triton_version != ident.triton_version:
-            out.append(f"triton {rec.key.triton_version}")
-        if rec.key.template_hash != template_hash():
-            out.append("older kernel templates")
+    try:
+        out += target_of(rec.impl).stale(rec.key, ident)
+    except ValueError:
+        out.append(f"unknown implementation {rec.impl}")
     return out
 
 

@@ -16,96 +16,39 @@ product's own value depends on summation order there): the option stays unverifi
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from sae_tune.autotune.verify import Reference, check
 from sae_tune.dispatch.decision import Option
-from sae_tune.dispatch.grad import DecodeFn
-from sae_tune.inputs import KERNEL_DTYPES, DecodeInputs, check_decode_inputs
-from sae_tune.torch_paths import TORCH_PATHS
-from sae_tune.triton_support import triton_unavailable_reason
-from sae_tune.variants import Variant
+from sae_tune.inputs import DecodeInputs
+from sae_tune.targets import CallFacts, DecodeFn, target_of
 
-__all__ = ["KERNEL_DTYPES", "CallContext", "Verification", "build", "gate", "verify"]
+__all__ = ["CallFacts", "Verification", "build", "gate", "verify"]
 
 VERIFY_TOKENS = 64
 
 
-@dataclass(frozen=True)
-class CallContext:
-    """What a call allows: its device and dtype, and the caller's promise about per-token L0."""
-
-    device: torch.device
-    dtype: torch.dtype
-    k: int | None = None
-    allow_truncation: bool = False
-
-    def bounded_by(self, cap: int) -> bool:
-        """True when no token of this call can have more than ``cap`` non-zeros (or truncation is allowed)."""
-        return self.allow_truncation or (self.k is not None and self.k <= cap)
-
-
-def gate(option: Option, ctx: CallContext) -> tuple[Option | None, str]:
-    """The option as it may run in ``ctx`` (possibly with a safer overflow policy), or None and why not."""
-    config = option.config
-    if option.impl == "triton":
-        reason = triton_unavailable_reason(ctx.device)
-        if reason is not None:
-            return None, reason
-        if ctx.dtype not in KERNEL_DTYPES:
-            return None, f"the generated kernels do not take {ctx.dtype}"
-        try:
-            variant = Variant.from_dict(config)
-        except (TypeError, ValueError) as exc:
-            return None, f"not a valid variant: {exc}"
-        policy = variant.overflow
-        if variant.alloc == "fixed" and (
-            policy == "validate" or (policy == "unchecked" and not ctx.allow_truncation)
-        ):
-            safe = dataclasses.replace(variant, overflow="fallback")
-            note = (
-                f"; runs with overflow=fallback (tuned as {policy}) so tokens above max_l0={variant.max_l0} "
-                "stay exact"
-            )
-            return Option.of(
-                "triton", safe.to_dict(), option.source, option.reason + note, l0_bucket=option.l0_bucket
-            ), ""
+def gate(option: Option, ctx: CallFacts) -> tuple[Option | None, str]:
+    """The option as it may run in ``ctx`` (its target may make it safer), or None and why not."""
+    try:
+        target = target_of(option.impl)
+    except ValueError as exc:
+        return None, str(exc)
+    gated = target.gate(option.impl, option.config, ctx)
+    if isinstance(gated, str):
+        return None, gated
+    if gated.config == option.config and not gated.note:
         return option, ""
-    path = TORCH_PATHS.get(option.impl)
-    if path is None:
-        return None, f"unknown implementation {option.impl!r}"
-    if path.can_truncate:
-        cap = config.get("k")
-        if type(cap) is not int or not ctx.bounded_by(cap):
-            return None, (
-                f"{option.impl} keeps only k={cap} features per token and the caller did not promise "
-                "that no token has more"
-            )
-    if not path.supports(ctx.dtype, ctx.device):
-        return None, f"{option.impl} does not run {ctx.dtype} on {ctx.device.type}"
-    return option, ""
+    return Option.of(
+        gated.impl, gated.config, option.source, option.reason + gated.note, l0_bucket=option.l0_bucket
+    ), ""
 
 
 def build(option: Option) -> DecodeFn:
     """The decode function of an option that passed ``gate``."""
-    config = option.config
-    if option.impl == "triton":
-        from sae_tune.kernels import run_variant
-
-        variant = Variant.from_dict(config)
-
-        def run(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
-            inputs = check_decode_inputs(acts, W_dec, b_dec)
-            out = run_variant(inputs, variant, allow_truncation=variant.can_truncate)  # gated above
-            return out.reshape(*inputs.lead_shape, inputs.D)
-
-        return run
-    if option.impl == "dense":
-        return TORCH_PATHS["dense"].build()
-    return TORCH_PATHS[option.impl].build(**config)
+    return target_of(option.impl).build(option.impl, option.config)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from sae_tune.inputs import KERNEL_DTYPES, DecodeInputs, dtype_names, resolved
-from sae_tune.templates.render import load_module
-from sae_tune.triton_support import triton_unavailable_reason
-from sae_tune.variants import Variant
+from sae_tune.targets.triton.render import load_module
+from sae_tune.targets.triton.support import triton_unavailable_reason
+from sae_tune.targets.triton.variant import Variant
 
 
 class TruncationNotAllowed(ValueError):

@@ -27,9 +27,9 @@ import jinja2
 from sae_tune import __version__
 from sae_tune.artefacts import ArtefactReplaced, read_if_matches, sha256_hex, write_atomic
 from sae_tune.paths import kernel_dir, private_kernel_dir
-from sae_tune.variants import ALLOCS, Variant
+from sae_tune.targets.triton.variant import ALLOCS, Variant
 
-TEMPLATE_DIR = Path(__file__).parent
+TEMPLATE_DIR = Path(__file__).parent / "templates"
 ENTRY_TEMPLATE = "module.py.jinja"
 
 _env = jinja2.Environment(

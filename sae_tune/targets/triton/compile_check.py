@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from sae_tune.templates.render import load_module, module_digest
-from sae_tune.triton_support import interpreter_active
-from sae_tune.variants import Variant
+from sae_tune.targets.triton.render import load_module, module_digest
+from sae_tune.targets.triton.support import interpreter_active
+from sae_tune.targets.triton.variant import Variant
 
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -1,0 +1,98 @@
+"""The CPU target's face in the target contract (``sae_tune.targets.base.Target``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from sae_tune.targets.base import CallFacts, DecodeFn, Gated, ModelProblem, SpaceRequest, Target
+from sae_tune.targets.cpu import variant as cpu_variant
+from sae_tune.targets.cpu.variant import CpuVariant
+
+NAME = "cpu"
+
+
+class CpuTarget(Target):
+    name = NAME
+    impls = (NAME,)
+    generated = True
+    timed_kinds = ("cpu",)
+
+    def available(self, device: torch.device) -> str | None:
+        from sae_tune.targets.cpu import available
+
+        return available(device)
+
+    def parse(self, impl: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        return CpuVariant.from_dict(config).to_dict()
+
+    def label(self, impl: str, config: Mapping[str, Any]) -> str:
+        try:
+            return f"cpu[{CpuVariant.from_dict(config).name}]"
+        except (TypeError, ValueError):
+            return f"cpu{dict(config)}"
+
+    def space(self, request: SpaceRequest) -> list[tuple[str, dict[str, Any]]]:
+        if not self.timed(request.device) or request.dtype not in self.dtypes():
+            return []
+        return [(NAME, v.to_dict()) for v in cpu_variant.search_space(request.F, request.D, request.dtype)]
+
+    def default(self, F: int, D: int, dtype: torch.dtype) -> tuple[str, dict[str, Any]] | None:
+        if dtype not in self.dtypes():
+            return None
+        return NAME, cpu_variant.default_variant(F, D, dtype).to_dict()
+
+    def modelled(
+        self, device: torch.device, dtype: torch.dtype, F: int, D: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        if not self.timed(device) or dtype not in self.dtypes():
+            return []
+        return [(NAME, cpu_variant.default_variant(F, D, dtype).to_dict())]
+
+    def cost(self, impl: str, problem: ModelProblem, rates: Any) -> float:
+        """One call; the activations streamed once, the fired rows gathered, the output written once
+        (the bias is fused)."""
+        p, s = problem, problem.itemsize
+        moved = p.n_tokens * p.F * s + p.nnz * p.D * s + p.out_bytes
+        return rates.op_overhead + moved / rates.bandwidth
+
+    def warm_starts(self, request: SpaceRequest) -> list[dict[str, Any]]:
+        default = self.default(request.F, request.D, request.dtype)
+        return [default[1]] if default else []
+
+    def gate(self, impl: str, config: Mapping[str, Any], facts: CallFacts) -> Gated | str:
+        reason = self.available(facts.device)
+        if reason is not None:
+            return reason
+        if facts.dtype not in self.dtypes():
+            return f"the C kernels do not take {facts.dtype}"
+        try:
+            return Gated(NAME, CpuVariant.from_dict(config).to_dict())
+        except (TypeError, ValueError) as exc:
+            return f"not a valid CPU variant: {exc}"
+
+    def build(self, impl: str, config: Mapping[str, Any]) -> DecodeFn:
+        """Compiles (or loads the verified object of) the variant now, so no timing pays for it."""
+        from sae_tune.inputs import check_decode_inputs
+        from sae_tune.targets.cpu.launch import run
+
+        variant = CpuVariant.from_dict(config)
+
+        def decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
+            inputs = check_decode_inputs(acts, W_dec, b_dec)
+            out = run(variant, inputs.acts, inputs.W_dec, inputs.b_dec, inputs.out_dtype)
+            return out.reshape(*inputs.lead_shape, inputs.D)
+
+        return decode
+
+    def render(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> str | None:
+        from sae_tune.targets.cpu.render import render
+
+        return render(CpuVariant.from_dict(config), (dtype, None, dtype))
+
+    def source_hash(self) -> str:
+        from sae_tune.targets.cpu.render import template_hash
+
+        return template_hash()

@@ -1,0 +1,130 @@
+"""The Triton target: GPU kernels rendered from Jinja templates (``templates/``), one module per variant.
+
+``variant.py`` holds the typed variant and its default space, ``render.py`` renders and loads the
+modules, ``launch.py`` builds the sparse view and launches the decode, ``support.py`` says whether Triton
+can run, ``compile_check.py`` compiles variants ahead of time for real GPUs. On CPU tensors the kernels
+run only in Triton's interpreter (tests); such timings are never speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from sae_tune.targets.base import CallFacts, DecodeFn, Gated, ModelProblem, SpaceRequest, Target
+from sae_tune.targets.triton.support import triton_unavailable_reason
+from sae_tune.targets.triton.variant import Variant
+
+NAME = "triton"
+MODEL_OPS = 6  # exact allocation: count, cumsum, fill, decode, and the host sync for the CSR size
+
+
+class TritonTarget(Target):
+    name = NAME
+    impls = (NAME,)
+    generated = True
+    timed_kinds = ("cuda",)
+
+    def available(self, device: torch.device) -> str | None:
+        return triton_unavailable_reason(device)
+
+    def parse(self, impl: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        return Variant.from_dict(config).to_dict()
+
+    def label(self, impl: str, config: Mapping[str, Any]) -> str:
+        try:
+            return f"triton[{Variant.from_dict(config).name}]"
+        except (TypeError, ValueError):
+            return f"triton{dict(config)}"
+
+    def space(self, request: SpaceRequest) -> list[tuple[str, dict[str, Any]]]:
+        """The default variants, only where they run for real (CUDA): ``fallback`` and exact allocation
+        for any L0; ``validate`` and ``unchecked`` only where no token can exceed max_l0 (TopK, k <= cap)."""
+        if not self.timed(request.device) or request.dtype not in self.dtypes():
+            return []
+        k = request.topk_k
+        caps = tuple(sorted(set(request.max_l0s) | ({k} if k else set())))
+        space = Variant.search_space(request.F, request.D, request.dtype, max_l0s=caps, allow_unchecked=True)
+        return [(NAME, v.to_dict()) for v in space if overflow_impossible_or_handled(v, k)]
+
+    def default(self, F: int, D: int, dtype: torch.dtype) -> tuple[str, dict[str, Any]] | None:
+        return NAME, Variant().to_dict()
+
+    def warm_starts(self, request: SpaceRequest) -> list[dict[str, Any]]:
+        """Configs tried first: fixed slots with fallback at the largest cap, and the default."""
+        cap = max(request.max_l0s) if request.max_l0s else Variant().max_l0
+        return [Variant(alloc="fixed", overflow="fallback", max_l0=cap).to_dict(), Variant().to_dict()]
+
+    def modelled(
+        self, device: torch.device, dtype: torch.dtype, F: int, D: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        if not self.timed(device) or dtype not in self.dtypes():
+            return []
+        return [(NAME, Variant().to_dict())]
+
+    def cost(self, impl: str, problem: ModelProblem, rates: Any) -> float:
+        """Two passes over the activations, the CSR, the fired rows and the output."""
+        p, s = problem, problem.itemsize
+        moved = 2 * p.n_tokens * p.F * s + p.nnz * (p.D * s + 4 + s) + p.out_bytes
+        return MODEL_OPS * rates.op_overhead + moved / rates.bandwidth
+
+    def gate(self, impl: str, config: Mapping[str, Any], facts: CallFacts) -> Gated | str:
+        reason = self.available(facts.device)
+        if reason is not None:
+            return reason
+        if facts.dtype not in self.dtypes():
+            return f"the generated kernels do not take {facts.dtype}"
+        try:
+            variant = Variant.from_dict(config)
+        except (TypeError, ValueError) as exc:
+            return f"not a valid variant: {exc}"
+        policy = variant.overflow
+        if variant.alloc == "fixed" and (
+            policy == "validate" or (policy == "unchecked" and not facts.allow_truncation)
+        ):
+            safe = dataclasses.replace(variant, overflow="fallback")
+            note = (
+                f"; runs with overflow=fallback (tuned as {policy}) so tokens above max_l0={variant.max_l0} "
+                "stay exact"
+            )
+            return Gated(NAME, safe.to_dict(), note)
+        return Gated(NAME, variant.to_dict())
+
+    def build(self, impl: str, config: Mapping[str, Any]) -> DecodeFn:
+        """Runs the variant as given: ``gate`` has already made a truncating one safe or refused it."""
+        from sae_tune.inputs import check_decode_inputs
+        from sae_tune.targets.triton.launch import run_variant
+
+        variant = Variant.from_dict(config)
+
+        def run(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
+            inputs = check_decode_inputs(acts, W_dec, b_dec)
+            out = run_variant(inputs, variant, allow_truncation=variant.can_truncate)
+            return out.reshape(*inputs.lead_shape, inputs.D)
+
+        return run
+
+    def render(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> str | None:
+        from sae_tune.targets.triton.render import render
+
+        return render(Variant.from_dict(config))
+
+    def stale(self, key: Any, ident: Any) -> list[str]:
+        out = [f"triton {key.triton_version}"] if key.triton_version != ident.triton_version else []
+        return out + super().stale(key, ident)
+
+    def source_hash(self) -> str:
+        from sae_tune.targets.triton.render import template_hash
+
+        return template_hash()
+
+
+def overflow_impossible_or_handled(variant: Variant, topk_k: int | None) -> bool:
+    """May the tuner pick this variant? ``fallback`` and exact allocation handle any L0; ``validate``
+    (raises) and ``unchecked`` (truncates) only where no token can exceed max_l0: TopK with k <= max_l0."""
+    if variant.alloc == "exact" or variant.overflow == "fallback":
+        return True
+    return topk_k is not None and topk_k <= variant.max_l0

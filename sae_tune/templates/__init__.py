@@ -1,1 +1,0 @@
-"""Jinja2 templates of the Triton kernel family and their renderer (``render.py``)."""
