@@ -42,3 +42,15 @@ def test_version_and_help():
     assert runner.invoke(main, ["--version"]).output.startswith("sae-tune, version")
     help_text = runner.invoke(main, ["--help"]).output
     assert "compile-check" in help_text and "show-kernel" in help_text
+
+
+def test_show_kernel_prints_a_generated_c_variant_and_refuses_a_bad_config():
+    runner = CliRunner()
+    result = runner.invoke(main, ["show-kernel", "--target", "cpu", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert "#include" in result.output and "bf16" in result.output
+    fused = '{"family": "fused", "prefetch": 0}'
+    result = runner.invoke(main, ["show-kernel", "--target", "cpu", "--config", fused])
+    assert result.exit_code == 0 and "c-fused" in result.output
+    bad = runner.invoke(main, ["show-kernel", "--target", "cpu", "--config", '{"d_tile": "1; system()"}'])
+    assert bad.exit_code == 2 and "--config" in bad.output and "Traceback" not in bad.output

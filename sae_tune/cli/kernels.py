@@ -13,13 +13,51 @@ from sae_tune.cli.options import DTYPES, dtype_option, variant_options
 from sae_tune.targets.triton.variant import Variant
 
 
+def _other_target(name: str, config_json: str | None, dtype: str) -> str:
+    """The rendered source of a generated target other than Triton, from its default or a JSON config."""
+    from sae_tune.targets import by_name
+
+    target = by_name(name)
+    if config_json is None:
+        impl, config = target.default(65536, 2304, DTYPES[dtype]) or (target.impls[0], {})
+    else:
+        impl = target.impls[0]
+        try:
+            config = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="'--config'") from None
+        if not isinstance(config, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="'--config'")
+    try:
+        config = target.parse(impl, config)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="'--config'") from None
+    return target.render(impl, config, DTYPES[dtype]) or ""
+
+
 @click.command("show-kernel")
 @variant_options
+@click.option(
+    "--target",
+    type=click.Choice(["triton", "cpu"]),
+    default="triton",
+    show_default=True,
+    help="Which generated target: Triton (the options above) or the C target (--config).",
+)
+@click.option("--config", "config_json", help="cpu target: a JSON variant (default: its default variant).")
+@dtype_option
 @click.option("--path", "show_path", is_flag=True, help="Print where the generated file is instead.")
-def show_kernel(variant: Variant, show_path: bool) -> None:
-    """Print the generated Triton source of one variant."""
+def show_kernel(variant: Variant, target: str, config_json: str | None, dtype: str, show_path: bool) -> None:
+    """Print the generated source of one variant (Triton, or C with --target cpu)."""
     from sae_tune.targets.triton.render import render, write_module
 
+    if target != "triton":
+        if show_path:
+            raise click.UsageError("--path is for the Triton target; C sources are built, not imported")
+        click.echo(_other_target(target, config_json, dtype), nl=False)
+        return
+    if config_json is not None:
+        raise click.UsageError("--config is for --target cpu; Triton variants take the options above")
     if show_path:
         try:
             click.echo(write_module(variant))
