@@ -202,3 +202,20 @@ def test_compile_check_prints_a_line_per_architecture_on_stderr(monkeypatch):
     assert len(json.loads(result.stdout)) == 4
     assert "compile sm_80:" in result.stderr and "compile sm_90:" in result.stderr
     assert "compile-check done" in result.stderr
+
+
+def test_an_unsafe_kernel_folder_is_a_clear_error_not_a_traceback_or_failed_trials(tmp_path, monkeypatch):
+    """A kernel folder others can write to is refused by name: show-kernel --path and the tuner stop with
+    the reason instead of a traceback or one failed trial per generated candidate."""
+    shared = tmp_path / "shared-kernels"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("SAE_TUNE_KERNEL_DIR", str(shared))
+    runner = CliRunner()
+    shown = runner.invoke(main, ["show-kernel", "--path"])
+    assert shown.exit_code == 1 and "writable by group or others" in shown.output, shown.output
+    assert shown.exception is None or isinstance(shown.exception, SystemExit)
+    args = ["--width", "2048", "--d-model", "32", "--l0", "8", "--batch-size", "8", "--trials", "3"]
+    tuned = runner.invoke(main, [*args, "--device", "cpu", "--cache", str(tmp_path / "c.sqlite")])
+    assert tuned.exit_code == 1 and "writable by group or others" in tuned.output, tuned.output
+    assert tuned.exception is None or isinstance(tuned.exception, SystemExit)

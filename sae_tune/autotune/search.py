@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 import torch
 
+from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.autotune.candidates import Candidate, SearchSpace, baselines, search_space
 from sae_tune.autotune.timing import Timing, time_fn, time_interleaved
 from sae_tune.autotune.verify import Reference, check
@@ -227,6 +228,8 @@ class Tuner:
         try:
             fn = cand.build()
             out = work.run(fn)
+        except UnsafeArtefactDir:
+            raise  # the folder of generated code is unsafe: no candidate of a generated target can run
         except Exception as exc:  # compile errors, out of memory, unsupported dtype: a failed candidate
             raise CandidateFailed(f"{type(exc).__name__}: {exc}"[:2000]) from exc
         expected = torch.promote_types(work.W_dec.dtype, work.b_dec.dtype)

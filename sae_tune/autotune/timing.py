@@ -50,8 +50,13 @@ def time_cpu(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 15, bud
 def time_cuda(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> Timing:
     """Median of Triton's do_bench samples (it flushes L2 between runs and synchronizes); every sample
     is kept so that the spread of the measurement is known."""
-    from triton.testing import do_bench
-
+    try:
+        from triton.testing import do_bench
+    except ImportError as exc:  # a CUDA torch without Triton (Triton is an extra of sae-tune)
+        raise RuntimeError(
+            f"timing on CUDA uses triton.testing.do_bench, and Triton cannot be imported ({exc}); "
+            'install it with `pip install "sae-tune[triton]"`'
+        ) from None
     samples = [float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all")]
     return Timing(statistics.median(samples), tuple(samples))
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from sae_tune.autotune.workload import max_l0_candidates
 from sae_tune.bench.problem import Problem
+from sae_tune.targets import GENERATED, Target
 from sae_tune.targets.library.paths import TORCH_PATHS
 from sae_tune.targets.triton.variant import Variant
 
@@ -105,6 +106,7 @@ def library_paths(device: torch.device, dtype: torch.dtype, *, split_extras: boo
     paths.append(
         BenchPath(EMBEDDING_BAG, TORCH_PATHS["embedding_bag_csr"].build(), prepare=_bags, kernel=_bag_kernel)
     )
+    paths += generated_paths(device, dtype)
     if split_extras:
         paths.append(
             BenchPath(
@@ -115,6 +117,37 @@ def library_paths(device: torch.device, dtype: torch.dtype, *, split_extras: boo
             )
         )
     return paths
+
+
+def generated_paths(device: torch.device, dtype: torch.dtype) -> list[BenchPath]:
+    """The default variant of every generated target that runs for real here (the C kernels on CPU; on
+    CUDA the Triton default, beside the Triton modes below). One fused pass: no prepare/kernel split."""
+    rows = []
+    for target in GENERATED:
+        name = f"{target.name} (generated default)"
+        if not target.timed(device):
+            continue
+        if dtype not in target.dtypes():
+            rows.append(BenchPath(name, None, unavailable=f"the {target.name} kernels do not take {dtype}"))
+            continue
+        rows.append(BenchPath(name, _default_variant_of(target, dtype)))
+    return rows
+
+
+def _default_variant_of(target: Target, dtype: torch.dtype) -> Full:
+    """Runs the target's default variant for the shape of W_dec (built on the warm-up call, not timed)."""
+    built: dict[tuple[int, int], Full] = {}
+
+    def full(a: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fn = built.get(tuple(W.shape))
+        if fn is None:
+            default = target.default(W.shape[0], W.shape[1], dtype)
+            if default is None:
+                raise RuntimeError(f"the {target.name} target has no default variant for {dtype}")
+            fn = built[tuple(W.shape)] = target.build(*default)
+        return fn(a, W, b)
+
+    return full
 
 
 def compiled_dense_path() -> BenchPath:

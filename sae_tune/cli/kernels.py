@@ -9,6 +9,7 @@ from collections import Counter
 
 import click
 
+from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.cli.options import DTYPES, dtype_option, variant_options
 from sae_tune.targets.triton.variant import Variant
 
@@ -49,6 +50,13 @@ def _other_target(name: str, config_json: str | None, dtype: str) -> str:
 @click.option("--path", "show_path", is_flag=True, help="Print where the generated file is instead.")
 def show_kernel(variant: Variant, target: str, config_json: str | None, dtype: str, show_path: bool) -> None:
     """Print the generated source of one variant (Triton, or C with --target cpu)."""
+    try:
+        _show(variant, target, config_json, dtype, show_path)
+    except UnsafeArtefactDir as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _show(variant: Variant, target: str, config_json: str | None, dtype: str, show_path: bool) -> None:
     from sae_tune.targets.triton.render import render, write_module
 
     if target != "triton":
@@ -95,7 +103,7 @@ def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as
     from tqdm import tqdm
 
     from sae_tune.targets.triton.compile_check import ARCHS, compile_check
-    from sae_tune.targets.triton.support import interpreter_active, triton_installed
+    from sae_tune.targets.triton.support import interpreter_active, triton_import_error, triton_installed
 
     bad = [a for a in archs if a not in ARCHS]
     if bad:
@@ -106,7 +114,7 @@ def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as
     if not space:
         raise click.UsageError(f"--width {F} --d-model {D}: the default space has no variant for this shape")
     if not triton_installed():
-        raise click.ClickException("compile-check needs triton (pip install triton, Linux)")
+        raise click.ClickException(f"compile-check needs Triton: {triton_import_error()}")
     if interpreter_active():
         raise click.ClickException("compile-check needs real Triton kernels: unset TRITON_INTERPRET")
     tty = sys.stderr.isatty()

@@ -14,6 +14,7 @@ from typing import Any
 import click
 import torch
 
+from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.cli.options import DTYPES, DeviceType
 
 TABLE_HEADERS = (
@@ -229,7 +230,7 @@ def run_tune(
         raise _cache_error(cache, exc) from exc
     except WorkloadTooLarge as exc:
         raise _bad("--batch-size", str(exc)) from exc
-    except TuneError as exc:
+    except (TuneError, UnsafeArtefactDir) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         payload = {

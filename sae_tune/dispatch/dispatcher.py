@@ -4,7 +4,9 @@ Order of lookup for a call with N tokens (batch bucket = next power of two of N)
 
 1. ``cache``   the local cache's winner for this device, dtype, F, D and batch bucket;
 2. ``nearest`` the local winner of the nearest batch bucket (or measured with other software versions);
-3. ``shipped`` the shipped per-GPU configs of this device model (``sae_tune.cache.share.load_shipped``);
+   for one key a time measured here ranks above an imported one;
+3. ``shipped`` the shipped per-GPU configs of this device model (``sae_tune.cache.share.load_shipped``),
+   only within a factor of 2 of their batch bucket;
 4. ``model``   the cost model (``costmodel``), at the mean L0 of the first batch of that shape
                (``explain`` quotes the costs at the mean L0 of the batch it is given);
 5. ``dense``   when nothing else applies.
