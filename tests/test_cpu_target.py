@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DTYPES, assert_matches_dense, random_acts, random_weights
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sae_tune.targets import cpu
-from tests.conftest import DTYPES, assert_matches_dense, random_acts, random_weights
 
 # the modules, not the same-named functions the package exports
 cpu_build = importlib.import_module("sae_tune.targets.cpu.build")

@@ -207,10 +207,13 @@ def test_compile_check_prints_a_line_per_architecture_on_stderr(monkeypatch):
 def test_an_unsafe_kernel_folder_is_a_clear_error_not_a_traceback_or_failed_trials(tmp_path, monkeypatch):
     """A kernel folder others can write to is refused by name: show-kernel --path and the tuner stop with
     the reason instead of a traceback or one failed trial per generated candidate."""
+    from sae_tune.targets.cpu.launch import forget_built
+
     shared = tmp_path / "shared-kernels"
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv("SAE_TUNE_KERNEL_DIR", str(shared))
+    forget_built()  # kernels loaded earlier in this process would not touch the folder again
     runner = CliRunner()
     shown = runner.invoke(main, ["show-kernel", "--path"])
     assert shown.exit_code == 1 and "writable by group or others" in shown.output, shown.output

@@ -293,11 +293,12 @@ class Tuner:
                 "nothing can be tuned against it"
             )
 
-        with warnings.catch_warnings():  # multivariate TPE with groups suits a conditional space
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=self.seed, multivariate=True, group=True)
         study = optuna.create_study(
-            study_name=name, storage=self.storage, load_if_exists=True, direction="minimize", sampler=sampler
+            study_name=name,
+            storage=self.storage,
+            load_if_exists=True,
+            direction="minimize",
+            sampler=make_sampler(self.seed),
         )
         for params in self._warm_starts(space, key):
             study.enqueue_trial(params, skip_if_exists=True)
@@ -440,6 +441,13 @@ def _same_structure(config: dict[str, Any], reference: dict[str, Any], prefix: s
         return True
     first = next(iter(reference))
     return str(config.get(first)) == prefix.split(".", 1)[1]
+
+
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    """The study's sampler: multivariate TPE with groups, which suits a conditional space."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> Candidate:

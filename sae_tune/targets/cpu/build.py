@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae_tune.artefacts import private_dir, read_if_matches, sha256_hex, write_atomic
-from sae_tune.paths import kernel_dir
+from sae_tune.paths import KERNEL_DIR_ENV, kernel_dir, private_kernel_dir
 
 BASE_FLAGS = ("-O3", "-fPIC", "-shared")
 # Tried in order; the first the compiler accepts (and that builds the OpenMP probe) is used.
@@ -95,7 +95,9 @@ def _trim(text: str) -> str:
 
 
 def _c_dir() -> Path:
-    return private_dir(kernel_dir() / "c")
+    """The C folder inside the kernel folder, both private (the parent is checked first: a private
+    subfolder of a folder others can write to could be swapped by them)."""
+    return private_dir(private_kernel_dir() / "c", env_var=KERNEL_DIR_ENV)
 
 
 def _compiler_command() -> tuple[tuple[str, ...] | None, str]:

@@ -157,8 +157,12 @@ def search_space(F: int, D: int, dtype: torch.dtype) -> list[CpuVariant]:
                 for schedule in ("static", "dynamic"):
                     space.append(CpuVariant("fused", token_tile, d_tile, 4, 0, scan_width, 0, schedule))
     # one thread: wins when other work shares the cores, or for tiny problems where waking threads costs
-    space += [CpuVariant("twophase", 1, _d_tiles(D)[-1], 4, 8, 64, 1, "static")]
-    space += [CpuVariant("fused", 1, _d_tiles(D)[-1], 4, 0, 64, 1, "static")]
+    # (no barriers to wait at for a thread the OS has descheduled: on a 2-core machine shared with other
+    # jobs, fork-join waits of whole time slices dominated every multi-threaded timing we took)
+    for d_tile in sorted({_d_tiles(D)[1 if len(_d_tiles(D)) > 1 else 0], _d_tiles(D)[-1]}):
+        for token_tile in (1, 4):
+            space.append(CpuVariant("twophase", token_tile, d_tile, 4, 8, 64, 1, "static"))
+    space.append(CpuVariant("fused", 1, _d_tiles(D)[-1], 4, 0, 64, 1, "static"))
     return space
 
 
