@@ -3,6 +3,9 @@
     python benchmarks/cpu_family.py                          # gemma-2b-l20 (F=65536, D=2304), fp32
     python benchmarks/cpu_family.py --dtype bfloat16 --batches 32 --rounds 7
 
+The row "dispatched" is ``sae_tune.sparse_decode`` as a user calls it, choosing from the local cache (run
+the README's main command first so that it has tuned entries for this shape).
+
 For each batch size, every candidate is timed interleaved (round-robin over candidates, several calls
 per round, median over rounds), so drift of a shared machine hits all alike. Each candidate is checked
 against the fp64 product first; compile time is paid before any timing. Columns: milliseconds, speed-up
@@ -22,7 +25,9 @@ from collections.abc import Callable
 
 import torch
 
+import sae_tune
 from sae_tune.autotune.workload import random_weights, synthetic_acts
+from sae_tune.cache.store import resolve_cache_path
 from sae_tune.targets import cpu
 from sae_tune.targets.cpu.build import build_source
 from sae_tune.targets.library.paths import TORCH_PATHS
@@ -198,6 +203,9 @@ def _bench_batch(B, args, dtype, W, b, family, gbps) -> None:
             paths[name] = (lambda fn: lambda a: fn(a, W, b))(TORCH_PATHS[name].build())
     if dtype == torch.float32:
         paths["naive C (fused, one token per task)"] = lambda a: naive(a, W, b)
+    decision = sae_tune.explain(first, W, b)
+    print(f"  dispatcher (cache {resolve_cache_path()}): {decision.label} from {decision.source}")
+    paths["dispatched: sae_tune.sparse_decode"] = lambda a: sae_tune.sparse_decode(a, W, b)
     for name, v in family.items():
         cpu.build(v, cpu.kernel_dtypes(W, b))  # compile before timing
         paths[name] = functools.partial(_run_variant, v, W=W, b=b, dtype=dtype)

@@ -37,7 +37,7 @@ from sae_tune.targets import templates_hash
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZES = {"cpu": (1, 32, 128), "cuda": (1, 32, 256, 1024, 4096)}
+DEFAULT_BATCH_SIZES = {"cpu": (1, 32, 256), "cuda": (1, 32, 256, 1024, 4096)}
 CALIBRATION_TOKENS = 4096
 FINALISTS = 3
 

@@ -335,7 +335,7 @@ def tune_options(command):
             "batch_sizes",
             type=click.IntRange(1),
             multiple=True,
-            help="Tokens per decode; repeat for several [cpu: 1 32 128; cuda: 1 .. 4096].",
+            help="Tokens per decode; repeat for several [cpu: 1 32 256; cuda: 1 .. 4096].",
         ),
         click.option(
             "--trials",
