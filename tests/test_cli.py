@@ -1,4 +1,5 @@
 import ast
+import json
 
 from click.testing import CliRunner
 
@@ -54,3 +55,12 @@ def test_show_kernel_prints_a_generated_c_variant_and_refuses_a_bad_config():
     assert result.exit_code == 0 and "c-fused" in result.output
     bad = runner.invoke(main, ["show-kernel", "--target", "cpu", "--config", '{"d_tile": "1; system()"}'])
     assert bad.exit_code == 2 and "--config" in bad.output and "Traceback" not in bad.output
+
+
+def test_compile_check_builds_every_c_variant_of_a_small_space():
+    result = CliRunner().invoke(
+        main, ["compile-check", "--target", "cpu", "--width", "256", "--d-model", "16", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows and all(r["ok"] for r in rows) and all(r["variant"].startswith("cpu[") for r in rows)

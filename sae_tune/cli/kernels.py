@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 import click
+import torch
 
 from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.cli.options import DTYPES, dtype_option, variant_options
@@ -75,6 +76,34 @@ def _show(variant: Variant, target: str, config_json: str | None, dtype: str, sh
         click.echo(render(variant), nl=False)
 
 
+def _build_all(name: str, F: int, D: int, dtype: str, as_json: bool) -> None:
+    """Build every variant of a generated target's default space here; exit 1 if any fails."""
+    from sae_tune.targets import SpaceRequest, by_name
+
+    target = by_name(name)
+    device = torch.device("cpu")
+    reason = target.available(device)
+    if reason is not None:
+        raise click.ClickException(f"the {name} target cannot build here: {reason}")
+    request = SpaceRequest(F=F, D=D, dtype=DTYPES[dtype], device=device, batch_bucket=1)
+    results = []
+    for impl, config in target.space(request):
+        try:
+            target.precompile(impl, config, DTYPES[dtype])
+            results.append({"variant": target.label(impl, config), "ok": True, "error": None})
+        except Exception as exc:  # a compiler error is a result to report, not a crash
+            results.append({"variant": target.label(impl, config), "ok": False, "error": str(exc)[:2000]})
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            click.echo(f"{r['variant']:60s} {'ok' if r['ok'] else 'FAILED ' + r['error']}")
+    failed = sum(not r["ok"] for r in results)
+    click.echo(f"{name}: {len(results) - failed} of {len(results)} variants built ({dtype})", err=True)
+    if failed:
+        sys.exit(1)
+
+
 @click.command("compile-check")
 @click.option(
     "--arch",
@@ -95,12 +124,25 @@ def _show(variant: Variant, target: str, config_json: str | None, dtype: str, sh
 )
 @click.option("--d-model", "D", type=click.IntRange(1), default=2304, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
-def compile_check_command(archs: tuple[str, ...], dtype: str, F: int, D: int, as_json: bool) -> None:
-    """Compile every variant of the default space ahead of time for real GPUs (no GPU needed).
+@click.option(
+    "--target",
+    type=click.Choice(["triton", "cpu"]),
+    default="triton",
+    show_default=True,
+    help="triton: compile for the --arch GPUs; cpu: build every C variant with this machine's compiler.",
+)
+def compile_check_command(
+    archs: tuple[str, ...], dtype: str, F: int, D: int, as_json: bool, target: str
+) -> None:
+    """Compile every variant of the default space ahead of time (for real GPUs, or this CPU).
 
     Exit code 1 when any variant fails to compile or spills registers.
     """
     from tqdm import tqdm
+
+    if target != "triton":
+        _build_all(target, F, D, dtype, as_json)
+        return
 
     from sae_tune.targets.triton.compile_check import ARCHS, compile_check
     from sae_tune.targets.triton.support import interpreter_active, triton_import_error, triton_installed

@@ -162,6 +162,11 @@ class Target(ABC):
     def build(self, impl: str, config: Mapping[str, Any]) -> DecodeFn:
         """A callable ``(acts (..., F), W_dec, b_dec) -> (..., D)`` in the dense expression's dtype."""
 
+    def precompile(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> None:
+        """Build the code of one config for ``dtype`` now (``compile-check``); raises on a build error.
+        Library paths have nothing to build."""
+        return None
+
     def render(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> str | None:
         """The source a person can read, for generated targets; None for library paths."""
         return None

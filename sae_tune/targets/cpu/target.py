@@ -87,6 +87,11 @@ class CpuTarget(Target):
 
         return decode
 
+    def precompile(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> None:
+        from sae_tune.targets.cpu.launch import build
+
+        build(CpuVariant.from_dict(config), (dtype, None, dtype))
+
     def render(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> str | None:
         from sae_tune.targets.cpu.render import render
 
