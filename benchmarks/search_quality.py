@@ -54,7 +54,7 @@ def replay(
     """Best time the search finds in ``trials`` trials, and how many distinct candidates it measured."""
     key = tuner.key(batch, tuner.l0.mean)
     space = search_space(tuner.spec, key.batch_bucket, tuner.dtype, tuner.device, tuner.max_l0s)
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(seed))
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(seed, trials))
     for cand in space.warm_starts():
         study.enqueue_trial(params_of(cand, space), skip_if_exists=True)
     seen: set[Candidate] = set()

@@ -53,10 +53,14 @@ class SearchSpace:
 
     request: SpaceRequest
     configs: dict[str, tuple[dict[str, Any], ...]]
+    groups: dict[str, tuple[str, ...]]  # target name -> its implementations in this space
 
     @property
     def impls(self) -> tuple[str, ...]:
         return tuple(self.configs)
+
+    def group_of(self, impl: str) -> str:
+        return next(name for name, impls in self.groups.items() if impl in impls)
 
     def fields(self, impl: str) -> tuple[str, ...]:
         """The config fields of ``impl`` in the order they first appear (the variant's field order)."""
@@ -106,7 +110,10 @@ def search_space(
         topk_k=spec.k if spec.arch == "topk" else None,
     )
     configs: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, tuple[str, ...]] = {}
     for target in TARGETS:
         for impl, config in target.space(request):
             configs.setdefault(impl, []).append(config)
-    return SearchSpace(request, {impl: tuple(c) for impl, c in configs.items()})
+            if impl not in groups.get(target.name, ()):
+                groups[target.name] = (*groups.get(target.name, ()), impl)
+    return SearchSpace(request, {impl: tuple(c) for impl, c in configs.items()}, groups)

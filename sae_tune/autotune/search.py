@@ -298,7 +298,7 @@ class Tuner:
             storage=self.storage,
             load_if_exists=True,
             direction="minimize",
-            sampler=make_sampler(self.seed),
+            sampler=make_sampler(self.seed, trials),
         )
         for params in self._warm_starts(space, key):
             study.enqueue_trial(params, skip_if_exists=True)
@@ -443,25 +443,34 @@ def _same_structure(config: dict[str, Any], reference: dict[str, Any], prefix: s
     return str(config.get(first)) == prefix.split(".", 1)[1]
 
 
-def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
-    """The study's sampler: multivariate TPE with groups, which suits a conditional space."""
+def make_sampler(seed: int, trials: int = 20) -> optuna.samplers.BaseSampler:
+    """The study's sampler: multivariate TPE with groups, which suits a conditional space. Its random
+    start is a quarter of the budget (4..10 trials), so a short study spends most trials on the model."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+        startup = max(4, min(10, trials // 4))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup)
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> Candidate:
-    """The candidate of one trial: the implementation, then its own parameters."""
-    impl = trial.suggest_categorical("impl", list(space.impls))
+    """The candidate of one trial: the target, its implementation, then that implementation's parameters
+    (choosing the target first gives a generated family as many random starts as all library paths)."""
+    group = trial.suggest_categorical("target", list(space.groups))
+    impls = space.groups[group]
+    impl = impls[0] if len(impls) == 1 else trial.suggest_categorical(f"{group}.impl", list(impls))
     config, _ = _walk(space, impl, trial.suggest_categorical)
     return Candidate.of(impl, config)
 
 
 def params_of(cand: Candidate, space: SearchSpace) -> dict[str, Any]:
     """The Optuna parameters that make ``suggest`` return ``cand`` (for warm starts)."""
+    group = space.group_of(cand.impl)
+    params: dict[str, Any] = {"target": group}
+    if len(space.groups[group]) > 1:
+        params[f"{group}.impl"] = cand.impl
     config = cand.config
     _, asked = _walk(space, cand.impl, lambda param, choices: config.get(param.rsplit(".", 1)[1]))
-    return {"impl": cand.impl, **asked}
+    return {**params, **asked}
 
 
 def default_batch_sizes(device: torch.device) -> tuple[int, ...]:
