@@ -57,6 +57,39 @@ def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return "unknown cpu"
 
 
+# Instruction-set extensions that change how generated CPU code runs (vector width, fp16/bf16 support).
+ISA_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+    "avx512_fp16", "avx_vnni", "amx_bf16", "asimd", "fphp", "sve", "sve2",
+)  # fmt: skip
+
+
+def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's generation and vector extensions, e.g. "family 26 model 2: avx2 avx512f fma": one model
+    name ("AMD EPYC") covers several generations that time generated kernels differently."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        field, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(field.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    have = [f for f in ISA_FLAGS if f in flags]
+    family, model = fields.get("cpu family"), fields.get("model")
+    known = family and model and model.isdigit()
+    generation = f"family {family} model {model}" if known else platform.machine()
+    return f"{generation}: {' '.join(have) or 'no vector extensions listed'}"
+
+
+def cpu_key_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """How a CPU is named in cache keys: its model and its generation and ISA, e.g.
+    "AMD EPYC [family 26 model 2: avx2 avx512f fma]"."""
+    return f"{cpu_model_name(cpuinfo)} [{cpu_isa(cpuinfo)}]"
+
+
 def triton_version() -> str | None:
     """The importable triton's version, or None. Imported lazily: triton is optional and slow to import."""
     module = sys.modules.get("triton")
@@ -85,7 +118,7 @@ def _describe(kind: str, index: int | None) -> DeviceInfo:
         name = " ".join(torch.cuda.get_device_name(index).split())
         capability: str | None = f"{major}.{minor}"
     else:
-        name, capability = cpu_model_name(), None
+        name, capability = cpu_key_name(), None
     return DeviceInfo(
         kind=kind,
         name=name,

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from sae_tune import device as device_mod
-from sae_tune.device import DeviceInfo, clear_device_cache, cpu_model_name, describe_device, device_slug
+from sae_tune.device import (
+    DeviceInfo,
+    clear_device_cache,
+    cpu_key_name,
+    cpu_model_name,
+    describe_device,
+    device_slug,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +108,15 @@ def test_device_slug():
     assert device_slug("NVIDIA GeForce RTX 4090") == "NVIDIA_GeForce_RTX_4090"
     assert device_slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "Intel_R_Xeon_R_CPU_2_20GHz"
     assert device_slug("../..") == "unknown"
+
+
+def test_cpu_key_name_names_the_generation_and_vector_extensions(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+        "flags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f\n"
+    )
+    assert cpu_key_name(cpuinfo) == "AMD EPYC [family 25 model 17: sse4_2 avx avx2 fma f16c avx512f]"
+    cpuinfo.write_text("model name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: avx2 fma\n")
+    assert cpu_key_name(cpuinfo) != "AMD EPYC [family 25 model 17: sse4_2 avx avx2 fma f16c avx512f]"
+    assert describe_device("cpu").name.startswith(cpu_model_name() + " [")

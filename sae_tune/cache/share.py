@@ -107,9 +107,11 @@ def record_to_dict(rec: WinnerRecord) -> dict[str, Any]:
 
 
 def matching_devices(store: Store, device_name: str) -> list[str]:
-    """The stored device names equal to ``device_name`` ignoring case; ``NoSuchDevice`` if there are none."""
+    """The stored device names equal to ``device_name`` ignoring case (a CPU model also matches without
+    its bracketed generation and extensions); ``NoSuchDevice`` if there are none."""
     known = store.devices()
-    matched = [name for name in known if name.casefold() == device_name.strip().casefold()]
+    wanted = device_name.strip().casefold()
+    matched = [name for name in known if wanted in (name.casefold(), name.split(" [", 1)[0].casefold())]
     if not matched:
         listing = ", ".join(repr(name) for name in known) if known else "none: the cache has no winners"
         raise NoSuchDevice(f"no winners for device {device_name!r} in {store.path}; known devices: {listing}")

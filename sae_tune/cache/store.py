@@ -300,7 +300,8 @@ def check_provenance_field(name: str, value: Any) -> str:
 class CacheKey:
     """Everything a timing depends on. Frozen and validated, so it can index dicts and rows safely.
 
-    capability is None on CPU, where ``device_name`` is the CPU model. ``batch_bucket`` and ``l0_bucket``
+    capability is None on CPU, where ``device_name`` is the CPU model with its generation and vector
+    extensions (``device.cpu_key_name``). ``batch_bucket`` and ``l0_bucket``
     are powers of two (see ``batch_bucket()`` / ``l0_bucket()``).
     """
 

@@ -10,7 +10,7 @@ from importlib import metadata
 
 import torch
 
-from sae_tune.device import cpu_model_name
+from sae_tune.device import cpu_key_name
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def installed_triton_version() -> str | None:
 def device_identity(device: torch.device) -> Identity:
     """Identity of a CPU or CUDA device; ValueError for other device types."""
     if device.type == "cpu":
-        name, capability = cpu_model_name(), None
+        name, capability = cpu_key_name(), None
     elif device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
