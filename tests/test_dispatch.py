@@ -436,3 +436,15 @@ def test_gradcheck_and_double_backward():
     W, b = (t.requires_grad_() for t in random_weights(64, 8, torch.float64))
     torch.autograd.gradcheck(fn, (acts, W, b))
     torch.autograd.gradgradcheck(fn, (acts, W, b))
+
+
+def test_without_a_c_compiler_the_model_says_why_and_library_paths_still_run(isolated_dispatch, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    rates = costmodel.Rates(bandwidth=20e9, op_overhead=5e-6, scan=2e9, flops=100e9)
+    monkeypatch.setattr(costmodel, "measure_rates", lambda device, dtype=torch.float32: rates)
+    W, b = random_weights(16384, 512, torch.float32)
+    acts = random_acts(32, 16384, 16, torch.float32)
+    decision = explain(acts, W, b)
+    assert decision.implementation == "embedding_bag_csr", decision
+    assert "cpu target unavailable: no C compiler found" in decision.reason
+    assert_matches_dense(sparse_decode(acts, W, b), acts, W, b)

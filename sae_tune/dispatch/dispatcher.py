@@ -46,7 +46,7 @@ from sae_tune.dispatch.grad import DecodeFn, needs_grad, with_dense_backward
 from sae_tune.dispatch.identity import device_identity
 from sae_tune.dispatch.runtime import build, gate, verify
 from sae_tune.inputs import DecodeInputs, autocast_cast, autocast_dtype, check_decode_inputs
-from sae_tune.targets import TARGETS, CallFacts
+from sae_tune.targets import GENERATED, TARGETS, CallFacts
 
 log = logging.getLogger("sae_tune")
 
@@ -239,7 +239,7 @@ class Dispatcher:
             rates=rates,
             has_bias=inputs.b_dec is not None,
         )
-        return Option.of(choice.impl, choice.config, "model", choice.reason)
+        return Option.of(choice.impl, choice.config, "model", choice.reason + _unavailable(ctx.device))
 
     # --- choosing -----------------------------------------------------------------------------------
     def _plan_for(self, inputs: DecodeInputs, ctx: CallFacts) -> tuple[_Plan, tuple[Any, ...]]:
@@ -415,6 +415,18 @@ class Dispatcher:
             first = f" (mean L0 {plan.model_l0:.3g})" if plan.model_l0 is not None else ""
             reason += f"; decode keeps {option.label}, chosen for the first batch of this shape{first}"
         return _noting(dataclasses.replace(option, reason=reason), plan.skipped)
+
+
+def _unavailable(device: torch.device) -> str:
+    """Why generated targets meant for this device type cannot run here (e.g. no C compiler), for the
+    cost model's reason; empty when they all can."""
+    notes = []
+    for target in GENERATED:
+        if device.type in target.timed_kinds:
+            reason = target.available(device)
+            if reason is not None:
+                notes.append(f"{target.name} target unavailable: {reason}")
+    return "".join(f"; {n}" for n in notes)
 
 
 def _mean_l0(inputs: DecodeInputs) -> float:
