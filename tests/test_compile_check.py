@@ -46,7 +46,7 @@ def test_bf16_and_fp16_compile_on_sm80_and_sm90():
         "import json, torch; from sae_tune.targets.triton.compile_check import compile_variant; "
         "from sae_tune.targets.triton.variant import Variant; "
         "vs = [Variant(alloc='fixed', overflow='fallback', block_d=512, block_l=16, num_warps=8), "
-        "Variant(alloc='exact', block_l=1, block_d=64, num_warps=2), "
+        "Variant(alloc='exact', block_l=1, block_d=64, num_warps=2), Variant(), "
         "Variant(alloc='fixed', overflow='fallback', block_f=4096, block_d=64, block_l=16, num_warps=2)]; "
         "print(json.dumps([compile_variant(v, a, d).to_json() for v in vs for a in ('sm_80', 'sm_90') "
         "for d in (torch.float16, torch.float32)]))"
@@ -55,13 +55,18 @@ def test_bf16_and_fp16_compile_on_sm80_and_sm90():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
-    assert len(rows) == 12 and all(r["ok"] and r["spills"] == 0 for r in rows)
+    assert len(rows) == 16 and all(r["ok"] and r["spills"] == 0 for r in rows)
     assert {k["kernel"] for r in rows for k in r["kernels"]} == {
         "count_kernel",
         "fill_kernel",
         "fill_fixed_kernel",
+        "fill_chunks_kernel",
         "decode_kernel",
+        "reduce_kernel",
     }
+    for r in rows:
+        for k in r["kernels"]:
+            assert {"ldg128", "barriers_in_loop"} <= set(k["sass"]), k
 
 
 def test_unknown_arch_is_a_usage_error():
@@ -83,8 +88,78 @@ def test_refuses_to_run_under_the_interpreter():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
 def test_whole_default_space_compiles_without_spills(arch):
-    """The gemma-2b-l20 default space (448 variants), as `sae-tune compile-check` runs it."""
+    """The gemma-2b-l20 default space, as `sae-tune compile-check` runs it."""
     done = run_cli("compile-check", "--arch", arch, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
-    assert len(rows) == 448 and all(r["ok"] and r["spills"] == 0 for r in rows)
+    from sae_tune.targets.triton.variant import Variant
+
+    assert len(rows) == len(Variant.search_space(65536, 2304))
+    assert all(r["ok"] and r["spills"] == 0 for r in rows)
+
+
+def run_child(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_default_variant_gathers_with_128_bit_loads_and_no_barrier_in_its_loops():
+    """The decode kernel of the default variant, specialised as launched for gemma-2b-l20 (fp32):
+    LDG.E.128 W_dec gathers, no BAR inside a loop, no spills, on sm_90 and sm_89 (and sm_80)."""
+    code = (
+        "import json, torch; from sae_tune.targets.triton.compile_check import compile_variant; "
+        "from sae_tune.targets.triton.variant import Variant; "
+        "print(json.dumps([compile_variant(Variant(), a, torch.float32, 65536, 2304).to_json() "
+        "for a in ('sm_90', 'sm_89', 'sm_80')]))"
+    )
+    done = run_child(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in json.loads(done.stdout):
+        assert row["ok"] and row["spills"] == 0, row
+        decode = next(k for k in row["kernels"] if k["kernel"] == "decode_kernel")
+        assert decode["sass"]["ldg128"] is True, (row["arch"], decode)
+        assert decode["sass"]["barriers_in_loop"] == 0, (row["arch"], decode)
+
+
+def test_compiled_arguments_carry_the_launch_specialisation():
+    """Pointers, sizes and strides divisible by 16 are marked so, unit strides become constants:
+    compiling without that (as before) reports code that never runs (scalar loads, other registers)."""
+    code = (
+        "import json, torch; from sae_tune.targets.triton.compile_check import specialised; "
+        "from sae_tune.targets.triton.launch import module_for, representative_launches; "
+        "from sae_tune.targets.triton.variant import Variant; v = Variant(alloc='exact'); "
+        "out = {}\n"
+        "for L in representative_launches(v, 65536, 2304, torch.float32):\n"
+        "    fn = getattr(module_for(v), L.kernel); sig, ce, at = specialised(fn, L)\n"
+        "    out[L.kernel] = [sig, {k: str(x) for k, x in ce.items()}, "
+        "[fn.arg_names[i[0]] for i in at]]\n"
+        "print(json.dumps(out))"
+    )
+    done = run_child(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sig, consts, divisible = json.loads(done.stdout)["decode_kernel"]
+    assert {"w_ptr", "cols_ptr", "out_ptr", "D", "stride_wf", "stride_ob"} <= set(divisible)
+    assert sig["stride_wd"] == "constexpr" and consts["stride_wd"] == "1"
+    assert sig["w_ptr"] == "*fp32" and sig["row_ptr_ptr"] == "*i64"
+
+
+def test_sass_facts_find_barriers_inside_loops_only():
+    from sae_tune.targets.triton.compile_check import sass_facts
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0040*/              @P0 BRA 0x20 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   BRA 0x60;
+    """
+    assert sass_facts(sass) == {
+        "ldg128": True,
+        "barriers": 2,
+        "barriers_in_loop": 1,
+        "loops": 1,
+        "instructions": 7,
+    }
+    assert sass_facts("/*0000*/ LDG.E.64 R4, desc[UR4][R2.64] ;")["ldg128"] is False

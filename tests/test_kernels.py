@@ -1,6 +1,6 @@
 """Every kernel family in Triton's interpreter against a dense fp64 reference.
 
-The published grid: alloc x dtype x B x F x D x L0 (486 cases), crossed with (BLOCK_L, BLOCK_D) tiles.
+The published grid: alloc x dtype x B x F x D x L0 (729 cases), crossed with (BLOCK_L, BLOCK_D) tiles.
 The default run takes a representative subset in which every value of every axis appears; the whole
 grid runs with ``pytest -m slow``.
 """
@@ -24,11 +24,11 @@ from sae_tune.targets.triton.launch import (
 )
 from sae_tune.targets.triton.variant import Variant
 
-ALLOCS = ("exact", "fixed")
+ALLOCS = ("chunked", "exact", "fixed")
 BS, FS, DS, L0S = (1, 4, 32), (256, 1024, 16384), (128, 512, 768), (1, 8, 100)
 TILES = ((1, 64), (8, 256), (32, 512))  # (BLOCK_L, BLOCK_D)
 GRID = list(itertools.product(ALLOCS, DTYPES, BS, FS, DS, L0S))
-assert len(GRID) == 486
+assert len(GRID) == 729
 
 # (B, F, D, L0, tile): every value of every axis appears; each runs for every alloc and dtype.
 SUBSET = [
@@ -43,6 +43,12 @@ SUBSET = [
 
 def grid_variant(alloc: str, F: int, tile: tuple[int, int]) -> Variant:
     block_l, block_d = tile
+    if alloc == "chunked":
+        # 4 slots per 256-wide chunk at small widths: the L0 = 100 tokens hold over-full chunks there
+        block_l = max(block_l, 4)
+        if F <= 1024:
+            return Variant(block_f=256, chunk_slots=4, unit_chunks=2, block_l=block_l, block_d=block_d)
+        return Variant(block_f=1024, chunk_slots=8, unit_chunks=16, block_l=block_l, block_d=block_d)
     if alloc == "exact":
         return Variant(alloc="exact", block_l=block_l, block_d=block_d)
     # max_l0 = 64 makes the L0 = 100 tokens of small widths over-full: the fallback path runs in the grid
@@ -75,6 +81,8 @@ def test_grid_full(alloc, dtype, B, F, D, L0, tile):
 
 
 VARIANTS = [
+    Variant(),
+    Variant(block_f=256, chunk_slots=2, unit_chunks=1, block_l=8, block_d=64),
     Variant(alloc="exact", block_l=1, block_d=32),
     Variant(alloc="exact", block_l=16, block_d=128, block_f=256),
     Variant(alloc="fixed", overflow="validate", max_l0=1024, block_l=4, block_d=64),
@@ -94,7 +102,7 @@ def test_edge_rows_all_zero_full_and_ragged(variant, dtype):
     assert torch.equal(out[0], b.to(out.dtype)) and torch.equal(out[3], b.to(out.dtype))
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", VARIANTS[:6], ids=lambda v: v.name)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_nan_and_inf_in_activations_propagate_as_in_dense(variant):
     F, D = 256, 64
@@ -187,7 +195,12 @@ def test_addresses_past_2_31_elements_use_int64(dtype):
     W = w_store.as_strided((F, D), (stride, 1))
     acts.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, -1.5], [0.5, 3.0, 0.0]], dtype=dtype))
     W.copy_(random_weights(F, D, dtype)[0])
-    for v in (Variant(alloc="exact", block_f=256, block_d=32), Variant(alloc="fixed", max_l0=2, block_d=32)):
+    variants = (
+        Variant(alloc="exact", block_f=256, block_d=32),
+        Variant(alloc="fixed", max_l0=2, block_d=32),
+        Variant(block_f=256, chunk_slots=1, block_d=32),
+    )
+    for v in variants:
         out = run_variant(check_decode_inputs(acts, W, None), v)
         assert_matches_dense(out, acts.clone(), W.clone())
 

@@ -11,6 +11,8 @@ from sae_tune.targets.triton.render import load_module, module_digest, module_pa
 from sae_tune.targets.triton.variant import Variant
 
 VARIANTS = [
+    Variant(),
+    Variant(block_f=256, chunk_slots=4, unit_chunks=1, block_l=4, block_d=64),
     Variant(alloc="exact"),
     Variant(alloc="exact", block_l=1, block_d=64),
     Variant(alloc="fixed", overflow="validate", block_l=16, block_d=128),
@@ -25,8 +27,12 @@ def test_rendered_module_is_valid_python_with_the_kernels_of_its_pipeline(varian
     source = render(variant)
     tree = ast.parse(source)
     kernels = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-    build = {"count_kernel", "fill_kernel"} if variant.alloc == "exact" else {"fill_fixed_kernel"}
-    assert kernels == build | {"decode_kernel"}
+    pipeline = {
+        "chunked": {"fill_chunks_kernel", "decode_kernel", "reduce_kernel"},
+        "exact": {"count_kernel", "fill_kernel", "decode_kernel"},
+        "fixed": {"fill_fixed_kernel", "decode_kernel"},
+    }
+    assert kernels == pipeline[variant.alloc] | {"to_output"}
     assert f"BLOCK_D = tl.constexpr({variant.block_d})" in source
     assert f"BLOCK_L = tl.constexpr({variant.block_l})" in source
     assert ("FALLBACK_ROWS" in source) == (variant.overflow == "fallback" and variant.alloc == "fixed")
@@ -35,7 +41,7 @@ def test_rendered_module_is_valid_python_with_the_kernels_of_its_pipeline(varian
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is part of the test extra")
-@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", VARIANTS[:6], ids=lambda v: v.name)
 def test_rendered_module_is_lint_clean(variant, tmp_path):
     path = tmp_path / "kernel.py"
     path.write_text(render(variant))
@@ -47,7 +53,9 @@ def test_rendering_is_deterministic_and_content_addressed():
     a = Variant(alloc="fixed", overflow="fallback", max_l0=16)
     b = Variant(alloc="fixed", overflow="fallback", max_l0=512, num_warps=8)
     c = Variant(alloc="fixed", overflow="validate", max_l0=16)
+    d = Variant(chunk_slots=16)
     assert render(a) == render(a)
+    assert module_digest(d) != module_digest(Variant()), "chunk_slots is part of the source"
     # max_l0 and launch options are runtime values: one file serves them all
     assert module_digest(a) == module_digest(b)
     assert module_digest(a) != module_digest(c)
@@ -92,3 +100,25 @@ def test_generated_file_imports_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("constexpr[256]")
+
+
+def test_atomics_are_relaxed_and_builds_use_a_1d_grid():
+    """acq_rel (Triton's default) would put a GPU-wide fence in every program of the fixed build."""
+    for v in VARIANTS:
+        source = render(v)
+        for line in source.splitlines():
+            if "tl.atomic_" in line:
+                assert 'sem="relaxed"' in line, line
+        assert "tl.num_programs(1)" not in source
+    assert "tl.atomic_add" in render(Variant(alloc="fixed"))
+    assert "tl.atomic" not in render(Variant()) and "tl.atomic" not in render(Variant(alloc="exact"))
+
+
+def test_decode_loops_accumulate_in_2d_and_reduce_after_the_loop():
+    """No tl.sum inside the gather loop: a cross-warp reduction there costs barriers every step."""
+    for v in (Variant(), Variant(alloc="exact"), Variant(alloc="fixed", overflow="unchecked")):
+        source = render(v)
+        decode = source[source.index("def decode_kernel") :]
+        loop = decode[decode.index("    for ") : decode.index("    acc = tl.sum(acc2, axis=0)")]
+        gather = loop if v.alloc != "fixed" else loop
+        assert "acc2 +=" in gather and "tl.sum" not in gather.split("# an over-full chunk")[0]

@@ -6,6 +6,7 @@ from sae_tune.targets.triton.variant import TILE_ELEMS_PER_THREAD, Variant
 
 def test_defaults_and_examples_from_the_docs_are_valid():
     assert Variant(alloc="exact").alloc == "exact"
+    assert Variant().alloc == "chunked" and not Variant().host_sync
     v = Variant(alloc="fixed", overflow="fallback", max_l0=16, block_l=8)
     assert (v.max_l0, v.block_l, v.overflow) == (16, 8, "fallback")
 
@@ -28,6 +29,13 @@ def test_defaults_and_examples_from_the_docs_are_valid():
         ({"alloc": "exact", "max_l0": 64}, ValueError),
         ({"alloc": "exact", "overflow": "unchecked"}, ValueError),
         ({"alloc": ["fixed"]}, ValueError),
+        ({"alloc": "exact", "chunk_slots": 16}, ValueError),
+        ({"alloc": "fixed", "unit_chunks": 2}, ValueError),
+        ({"alloc": "chunked", "max_l0": 64}, ValueError),
+        ({"alloc": "chunked", "overflow": "unchecked"}, ValueError),
+        ({"chunk_slots": 3}, ValueError),
+        ({"chunk_slots": 128}, ValueError),
+        ({"unit_chunks": 0}, ValueError),
     ],
 )
 def test_invalid_fields_are_rejected_with_the_field_named(kwargs, error):
@@ -44,6 +52,25 @@ def test_from_dict_round_trip_and_unknown_keys():
         Variant.from_dict({**v.to_dict(), "evil": "__import__('os')"})
     with pytest.raises(TypeError):
         Variant.from_dict([("alloc", "exact")])
+
+
+def test_host_sync_says_which_variants_wait_for_the_device():
+    assert Variant(alloc="exact").host_sync
+    assert Variant(alloc="fixed", overflow="validate").host_sync
+    assert not Variant(alloc="fixed", overflow="fallback").host_sync
+    assert not Variant(alloc="fixed", overflow="unchecked").host_sync
+    assert not Variant().host_sync and not Variant(chunk_slots=64, unit_chunks=1).host_sync
+
+
+def test_fields_of_other_allocations_are_left_out_of_the_dict():
+    assert set(Variant().to_dict()) >= {"chunk_slots", "unit_chunks"}
+    assert "max_l0" not in Variant().to_dict() and "overflow" not in Variant().to_dict()
+    assert "chunk_slots" not in Variant(alloc="exact").to_dict()
+    assert (
+        "chunk_slots" not in Variant(alloc="fixed").to_dict() and "max_l0" in Variant(alloc="fixed").to_dict()
+    )
+    # a record written before the chunked family (no chunk fields) still reads back
+    assert Variant.from_dict({"alloc": "exact", "block_l": 8}).name.startswith("exact-")
 
 
 def test_can_truncate_only_for_unchecked_fixed():
@@ -64,7 +91,8 @@ def test_search_space_respects_shape_caps_and_register_budget(F, D, dtype):
         assert v.block_f <= max(256, 1 << (F - 1).bit_length())
         assert v.block_l * v.block_d <= TILE_ELEMS_PER_THREAD * 32 * v.num_warps
         assert not v.can_truncate
-    assert {v.alloc for v in space} == {"exact", "fixed"}
+    assert {v.alloc for v in space} == {"chunked", "exact", "fixed"}
+    assert Variant() in space or F < 65536, "the default is a point of the gemma-shaped space"
 
 
 def test_unchecked_only_on_request():

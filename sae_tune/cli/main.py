@@ -8,6 +8,7 @@ from sae_tune import __version__
 from sae_tune.cli.bench import bench_command
 from sae_tune.cli.cache import cache_group
 from sae_tune.cli.kernels import compile_check_command, show_kernel
+from sae_tune.cli.selftest import selftest_command
 from sae_tune.cli.specs import list_command
 from sae_tune.cli.tune import run_tune, tune_options
 
@@ -47,6 +48,7 @@ main.add_command(cache_group)
 main.add_command(show_kernel)
 main.add_command(compile_check_command)
 main.add_command(bench_command)
+main.add_command(selftest_command)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from sae_tune.targets.triton.support import triton_unavailable_reason
 from sae_tune.targets.triton.variant import Variant
 
 NAME = "triton"
-MODEL_OPS = 6  # exact allocation: count, cumsum, fill, decode, and the host sync for the CSR size
+MODEL_OPS = 3  # the default (chunked) pipeline: fill, decode, reduce; no host sync (docs/triton-model.md)
 
 
 class TritonTarget(Target):
@@ -41,8 +41,9 @@ class TritonTarget(Target):
             return f"triton{dict(config)}"
 
     def space(self, request: SpaceRequest) -> list[tuple[str, dict[str, Any]]]:
-        """The default variants, only where they run for real (CUDA): ``fallback`` and exact allocation
-        for any L0; ``validate`` and ``unchecked`` only where no token can exceed max_l0 (TopK, k <= cap)."""
+        """The default variants, only where they run for real (CUDA): chunked, ``fallback`` and exact
+        allocation for any L0; ``validate`` and ``unchecked`` only where no token can exceed max_l0 (TopK,
+        k <= cap)."""
         if not self.timed(request.device) or request.dtype not in self.dtypes():
             return []
         k = request.topk_k
@@ -54,9 +55,9 @@ class TritonTarget(Target):
         return NAME, Variant().to_dict()
 
     def warm_starts(self, request: SpaceRequest) -> list[dict[str, Any]]:
-        """Configs tried first: fixed slots with fallback at the largest cap, and the default."""
-        cap = max(request.max_l0s) if request.max_l0s else Variant().max_l0
-        return [Variant(alloc="fixed", overflow="fallback", max_l0=cap).to_dict(), Variant().to_dict()]
+        """Configs tried first: the default (chunked), and fixed slots with fallback at the largest cap."""
+        cap = max(request.max_l0s) if request.max_l0s else Variant(alloc="fixed").max_l0
+        return [Variant().to_dict(), Variant(alloc="fixed", overflow="fallback", max_l0=cap).to_dict()]
 
     def modelled(
         self, device: torch.device, dtype: torch.dtype, F: int, D: int
@@ -66,9 +67,15 @@ class TritonTarget(Target):
         return [(NAME, Variant().to_dict())]
 
     def cost(self, impl: str, problem: ModelProblem, rates: Any) -> float:
-        """Two passes over the activations, the CSR, the fired rows and the output."""
-        p, s = problem, problem.itemsize
-        moved = 2 * p.n_tokens * p.F * s + p.nnz * (p.D * s + 4 + s) + p.out_bytes
+        """The default variant: one pass over the activations, its slots, the fired rows, the units'
+        fp32 partial sums (written and read) and the output."""
+        from sae_tune.targets.triton.launch import n_chunks, n_units
+
+        p, s, v = problem, problem.itemsize, Variant()
+        slots = p.n_tokens * n_chunks(p.F, v) * v.chunk_slots * (4 + s)
+        units = n_units(p.F, v)
+        partials = 0 if units == 1 else 2 * p.n_tokens * units * p.D * 4
+        moved = p.n_tokens * p.F * s + slots + p.nnz * p.D * s + partials + p.out_bytes
         return MODEL_OPS * rates.op_overhead + moved / rates.bandwidth
 
     def gate(self, impl: str, config: Mapping[str, Any], facts: CallFacts) -> Gated | str:
@@ -123,8 +130,8 @@ class TritonTarget(Target):
 
 
 def overflow_impossible_or_handled(variant: Variant, topk_k: int | None) -> bool:
-    """May the tuner pick this variant? ``fallback`` and exact allocation handle any L0; ``validate``
+    """May the tuner pick this variant? Chunked, ``fallback`` and exact allocation handle any L0; ``validate``
     (raises) and ``unchecked`` (truncates) only where no token can exceed max_l0: TopK with k <= max_l0."""
-    if variant.alloc == "exact" or variant.overflow == "fallback":
+    if variant.alloc != "fixed" or variant.overflow == "fallback":
         return True
     return topk_k is not None and topk_k <= variant.max_l0

@@ -1,9 +1,13 @@
 """Ahead-of-time compilation of generated kernels for real GPU targets, without a GPU.
 
-``triton.compile`` lowers each kernel to a cubin for the requested architecture (Triton ships ptxas);
-``cuobjdump -res-usage`` then reports registers, local memory and shared memory per kernel. Local
-memory is where ptxas puts spilled registers (the templates use no local arrays), so it is reported as
-spill bytes.
+Each kernel is compiled from the arguments the launcher passes for the shape checked (``launch.
+representative_launches``, on meta tensors), specialised by Triton's own rule for launch arguments
+(``native_specialize_impl``: integers equal to 1 become constants, pointers and integers divisible by 16
+are marked so), so what is compiled is the code a GPU would run. ``triton.compile`` lowers each kernel to
+a cubin for the requested architecture (Triton ships ptxas); ``cuobjdump -res-usage`` reports registers,
+local memory (the templates use no local arrays, so it is spills) and shared memory, and ``cuobjdump
+-sass`` the machine code, from which each kernel's ``sass`` facts are read: ``ldg128`` (128-bit global
+loads, the W_dec gather's width), ``barriers_in_loop`` (BAR instructions inside a loop of the kernel).
 """
 
 from __future__ import annotations
@@ -12,32 +16,20 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from sae_tune.targets.triton.render import load_module, module_digest
+from sae_tune.targets.triton.launch import Launch, module_for, representative_launches
+from sae_tune.targets.triton.render import module_digest
 from sae_tune.targets.triton.support import interpreter_active
 from sae_tune.targets.triton.variant import Variant
 
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# Pointer arguments by name; "act" means the activation / weight dtype.
-_POINTERS = {
-    "acts_ptr": "act",
-    "vals_ptr": "act",
-    "w_ptr": "act",
-    "bias_ptr": "act",
-    "out_ptr": "act",
-    "cols_ptr": "i32",
-    "counts_ptr": "i32",
-    "block_counts_ptr": "i32",
-    "slice_start_ptr": "i64",
-    "row_ptr_ptr": "i64",
-}
-# Strides that are 1 for contiguous tensors: Triton specializes those at launch, so compile them so.
-_UNIT_STRIDES = ("stride_af", "stride_wd", "stride_bias")
+# The shape whose launch arguments are specialised when none is given (gemma-2b-l20, as the CLI's default)
+DEFAULT_SHAPE = (65536, 2304)
 
 
 @dataclass(frozen=True)
@@ -48,6 +40,7 @@ class KernelUsage:
     registers: int
     spills: int
     shared: int
+    sass: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,7 +67,7 @@ class CompileResult:
             "spills": self.spills,
             "shared": self.shared,
             "error": self.error,
-            "kernels": [k.__dict__ for k in self.kernels],
+            "kernels": [dict(k.__dict__) for k in self.kernels],
         }
 
 
@@ -85,24 +78,28 @@ def parse_arch(arch: str) -> int:
     return ARCHS[arch]
 
 
-def _kernel_names(variant: Variant) -> tuple[str, ...]:
-    build = ("count_kernel", "fill_kernel") if variant.alloc == "exact" else ("fill_fixed_kernel",)
-    return (*build, "decode_kernel")
+def specialised(fn: Any, launch: Launch) -> tuple[dict[str, str], dict[str, object], dict]:
+    """Signature, constants and attributes of ``launch``'s arguments, as Triton derives them at launch."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
 
-
-def _signature(fn: object, dtype: str) -> tuple[dict[str, str], dict[str, object]]:
+    values = dict(zip(fn.arg_names, launch.args, strict=False))  # constexprs follow by name
+    values.update(launch.constexprs)
     signature: dict[str, str] = {}
     constexprs: dict[str, object] = {}
-    for name in fn.arg_names:  # type: ignore[attr-defined]
-        if name in _POINTERS:
-            kind = _POINTERS[name]
-            signature[name] = "*" + (dtype if kind == "act" else kind)
-        elif name in _UNIT_STRIDES or name == "HAS_BIAS":
-            signature[name] = "constexpr"
-            constexprs[name] = True if name == "HAS_BIAS" else 1
-        else:
-            signature[name] = "i32"
-    return signature, constexprs
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        value = values[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = spec
+        elif spec and "D" in spec:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
 
 
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -114,14 +111,41 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int, int]:
-    """(registers, local bytes, static shared bytes) of a single-kernel cubin, from cuobjdump."""
+def _cuobjdump_run(flag: str, cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        report = subprocess.run(
-            [_cuobjdump(), "-res-usage", handle.name], capture_output=True, text=True, check=True
+        return subprocess.run(
+            [_cuobjdump(), flag, handle.name], capture_output=True, text=True, check=True
         ).stdout
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_BRANCH = re.compile(r"\bBRA\b.*?\b(0x[0-9a-f]+)")
+
+
+def sass_facts(sass: str) -> dict[str, object]:
+    """Facts of one kernel's SASS: 128-bit global loads, barriers inside loops (a loop is a branch back
+    to an earlier address; its body is the addresses between the target and the branch)."""
+    code = [(int(m.group(1), 16), m.group(2).strip()) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for addr, op in code:
+        branch = _BRANCH.search(op)
+        if branch and int(branch.group(1), 16) < addr:  # a branch to itself is the trap after EXIT
+            loops.append((int(branch.group(1), 16), addr))
+    barriers = [addr for addr, op in code if re.search(r"\bBAR\b", op)]
+    return {
+        "ldg128": any(re.search(r"\bLDG\.E\.128\b", op) for _, op in code),
+        "barriers": len(barriers),
+        "barriers_in_loop": sum(any(lo <= a <= hi for lo, hi in loops) for a in barriers),
+        "loops": len(loops),
+        "instructions": len(code),
+    }
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, local bytes, static shared bytes) of a single-kernel cubin, from cuobjdump."""
+    report = _cuobjdump_run("-res-usage", cubin)
     match = _RES_USAGE.search(report)
     if match is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{report}")
@@ -132,10 +156,8 @@ def resource_usage(cubin: bytes) -> tuple[int, int, int]:
 _compiled: dict[tuple, KernelUsage] = {}
 
 
-def compile_kernel(
-    variant: Variant, kernel: str, arch: str, dtype: torch.dtype, num_warps: int, num_stages: int
-) -> KernelUsage:
-    """Compile one kernel of the variant's module for ``arch``; cached per process."""
+def compile_launch(variant: Variant, launch: Launch, arch: str) -> KernelUsage:
+    """Compile one launch's kernel, specialised for its arguments, for ``arch``; cached per process."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -144,34 +166,39 @@ def compile_kernel(
         raise RuntimeError(
             "ahead-of-time compilation needs real Triton kernels: run it without TRITON_INTERPRET"
         )
-    key = (module_digest(variant), kernel, arch, dtype, num_warps, num_stages)
+    fn = getattr(module_for(variant), launch.kernel)
+    signature, constexprs, attrs = specialised(fn, launch)
+    key = (module_digest(variant), launch.kernel, arch, repr(signature), repr(constexprs), repr(attrs))
+    key += (launch.num_warps, launch.num_stages)
     if key in _compiled:
         return _compiled[key]
-    fn = getattr(load_module(variant), kernel)
-    signature, constexprs = _signature(fn, _TRITON_DTYPES[dtype])
-    pointer_args = [i for i, name in enumerate(signature) if signature[name].startswith("*")]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in pointer_args}  # torch allocations are aligned
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", parse_arch(arch), 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
     )
-    registers, spills, shared = resource_usage(compiled.asm["cubin"])
-    usage = KernelUsage(kernel, registers, spills, max(shared, int(compiled.metadata.shared)))
+    cubin = compiled.asm["cubin"]
+    registers, spills, shared = resource_usage(cubin)
+    sass = sass_facts(_cuobjdump_run("-sass", cubin))
+    usage = KernelUsage(launch.kernel, registers, spills, max(shared, int(compiled.metadata.shared)), sass)
     _compiled[key] = usage
     return usage
 
 
-def compile_variant(variant: Variant, arch: str, dtype: torch.dtype = torch.float32) -> CompileResult:
-    """Compile every kernel of ``variant``; a failure is reported, not raised."""
+def compile_variant(
+    variant: Variant,
+    arch: str,
+    dtype: torch.dtype = torch.float32,
+    F: int | None = None,
+    D: int | None = None,
+) -> CompileResult:
+    """Compile every kernel of ``variant`` as launched for an (F, D) SAE; a failure is reported."""
     dtype_name = str(dtype).removeprefix("torch.")
+    F = DEFAULT_SHAPE[0] if F is None else F
+    D = DEFAULT_SHAPE[1] if D is None else D
     try:
-        usages = []
-        for kernel in _kernel_names(variant):
-            decode = kernel == "decode_kernel"
-            warps = variant.num_warps if decode else variant.num_warps_build
-            stages = variant.num_stages if decode else 1
-            usages.append(compile_kernel(variant, kernel, arch, dtype, warps, stages))
+        launches = representative_launches(variant, F, D, dtype)
+        usages = [compile_launch(variant, launch, arch) for launch in launches]
     except Exception as exc:  # a compile error is a result of the check, not a crash of it
         first = str(exc).strip().splitlines()[:3]
         return CompileResult(
@@ -201,7 +228,10 @@ def compile_check(
     arch: str,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[Iterable[Variant]], Iterable[Variant]] = iter,
+    F: int | None = None,
+    D: int | None = None,
 ) -> list[CompileResult]:
-    """Compile a set of variants for one architecture; kernels shared by variants compile once."""
+    """Compile a set of variants for one architecture, specialised for an (F, D) SAE (default: the
+    gemma-2b-l20 shape); kernels shared by variants compile once."""
     parse_arch(arch)
-    return [compile_variant(v, arch, dtype) for v in progress(list(variants))]
+    return [compile_variant(v, arch, dtype, F, D) for v in progress(list(variants))]

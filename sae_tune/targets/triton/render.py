@@ -61,7 +61,7 @@ def _checked_params(variant: Variant) -> dict[str, object]:
     for key, value in params.items():
         if key == "alloc":
             ok = value in ALLOCS
-        elif key == "fallback":
+        elif key in ("fallback", "unroll"):
             ok = type(value) is bool
         else:
             ok = type(value) is int

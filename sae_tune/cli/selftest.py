@@ -1,0 +1,168 @@
+"""``sae-tune selftest``: the first command on a new machine, and the one that publishes a GPU's tables.
+
+It checks every family of the Triton default space against an fp64 reference on the local device (the
+interpreter on CPU, a short subset unless --full), runs the edge cases (empty tokens, a token with every
+feature fired, chunks and tokens far above any cap), runs a quick tune and prints its summary against
+the dense product, then one verdict. Timings on CPU or under the interpreter are never speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import click
+import torch
+
+from sae_tune.cli.options import DeviceType
+
+# relative to |acts| @ |W_dec| + |b_dec| (fp32 accumulation, one rounding to the output dtype)
+TOLERANCE = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One correctness case: a variant on a shape with per-token L0s."""
+
+    variant: object  # sae_tune.targets.triton.variant.Variant (imported lazily)
+    dtype: torch.dtype
+    F: int
+    D: int
+    l0s: tuple[int, ...]
+    bias: bool
+
+    @property
+    def label(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.variant.name} {dtype} F={self.F} D={self.D} L0={list(self.l0s)}"  # type: ignore[attr-defined]
+
+
+def family_variants() -> list:
+    """One variant per family of the default space: chunked (one unit and several), exact, fixed."""
+    from sae_tune.targets.triton.variant import Variant
+
+    return [
+        Variant(),
+        Variant(block_f=256, chunk_slots=4, unit_chunks=2, block_l=8, block_d=64),
+        Variant(alloc="exact", block_d=64),
+        Variant(alloc="fixed", overflow="fallback", max_l0=16, block_d=64),
+        Variant(alloc="fixed", overflow="validate", max_l0=1024, block_l=4, block_d=128),
+    ]
+
+
+def cases(full: bool) -> Iterator[Case]:
+    """The short subset (every family x dtype on a shape with empty, light and over-full tokens), or with
+    ``full`` also the shape grid."""
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for variant, dtype in itertools.product(family_variants(), dtypes):
+        yield Case(variant, dtype, 700, 130, (0, 3, 700, 40, 17), True)
+    if full:
+        shapes = itertools.product((256, 1024, 16384), (128, 512, 768), (1, 8, 100))
+        for variant, dtype, (F, D, l0) in itertools.product(family_variants(), dtypes, shapes):
+            yield Case(variant, dtype, F, D, (l0,) * 4 + (min(F, 4 * l0),), l0 % 2 == 0)
+
+
+def run_case(case: Case, device: torch.device) -> str | None:
+    """None when the result matches the fp64 reference within the dtype's tolerance, else why not."""
+    from sae_tune.inputs import check_decode_inputs
+    from sae_tune.targets.triton.launch import run_variant
+
+    gen = torch.Generator().manual_seed(case.F * 31 + case.D)
+    acts = torch.zeros(len(case.l0s), case.F, dtype=torch.float64)
+    for t, k in enumerate(case.l0s):
+        idx = torch.randperm(case.F, generator=gen)[:k]
+        acts[t, idx] = (torch.rand(k, generator=gen, dtype=torch.float64) * 2 + 0.1) * torch.where(
+            torch.rand(k, generator=gen) < 0.3, -1.0, 1.0
+        ).double()
+    W = torch.randn(case.F, case.D, generator=gen, dtype=torch.float64) / 8
+    b = torch.randn(case.D, generator=gen, dtype=torch.float64) if case.bias else None
+    acts_d, W_d = acts.to(device, case.dtype), W.to(device, case.dtype)
+    b_d = None if b is None else b.to(device, case.dtype)
+    out = run_variant(check_decode_inputs(acts_d, W_d, b_d), case.variant).double().cpu()  # type: ignore[arg-type]
+    acts, W = acts_d.double().cpu(), W_d.double().cpu()
+    ref, scale = acts @ W, acts.abs() @ W.abs()
+    if b_d is not None:
+        ref, scale = ref + b_d.double().cpu(), scale + b_d.double().cpu().abs()
+    tol = TOLERANCE[case.dtype] * scale + torch.finfo(case.dtype).tiny
+    excess = ((out - ref).abs() - tol).max().item()
+    return None if excess <= 0 else f"error exceeds the tolerance by {excess:.3g}"
+
+
+def quick_tune(device: torch.device, seconds: float) -> str:
+    """A short tune of a small SAE into a throw-away cache; the summary line of its result."""
+    from sae_tune.autotune.search import Tuner, quiet_optuna
+    from sae_tune.cache.store import Store
+    from sae_tune.specs import SAESpec
+
+    quiet_optuna()
+    spec = SAESpec(name="selftest", width=2048, d_model=256, l0=32)
+    with tempfile.TemporaryDirectory(prefix="sae-tune-selftest-") as folder:
+        store = Store(os.path.join(folder, "cache.sqlite"))
+        try:
+            tuner = Tuner(spec, device=device, store=store, seed=0)
+            result = tuner.tune_batch(8, trials=4, time_budget=seconds)
+        finally:
+            store.close()
+    note = "" if device.type == "cuda" else " (CPU: a check that tuning runs, not a measurement of speed)"
+    return (
+        f"F={spec.width} D={spec.d_model} L0={spec.l0} B=8: winner {result.best.label} "
+        f"{result.best_ms:.3f} ms, dense {result.dense_ms:.3f} ms, {result.speedup:.2f}x dense{note}"
+    )
+
+
+def _interpreter_for_cpu(device: torch.device) -> str | None:
+    """Kernels on CPU tensors run in Triton's interpreter, which must be chosen before triton is imported."""
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return None
+    if "triton" in sys.modules:
+        return "Triton was imported before the interpreter could be chosen; run with TRITON_INTERPRET=1"
+    os.environ["TRITON_INTERPRET"] = "1"
+    return None
+
+
+@click.command("selftest")
+@click.option("--device", type=DeviceType(), default=None, help="Default: cuda when present, else cpu.")
+@click.option("--full", is_flag=True, help="The whole shape grid, not the short subset.")
+@click.option("--no-tune", is_flag=True, help="Skip the quick tune.")
+@click.option("--tune-seconds", type=click.FloatRange(0.1), default=5.0, show_default=True)
+def selftest_command(device: str | None, full: bool, no_tune: bool, tune_seconds: float) -> None:
+    """Check the kernels on this device, run a quick tune, print one verdict (exit 1 on a failure)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    problem = _interpreter_for_cpu(dev)
+    if problem is not None:
+        raise click.ClickException(problem)
+    from sae_tune.targets.triton.support import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(dev)
+    if reason is not None:
+        raise click.ClickException(f"the Triton kernels cannot run on {dev}: {reason}")
+    mode = "GPU" if dev.type == "cuda" else "Triton's interpreter (correctness only)"
+    click.echo(f"selftest on {dev}: {mode}")
+    started = time.perf_counter()
+    failures: list[str] = []
+    todo = list(cases(full))
+    for case in todo:
+        try:
+            why = run_case(case, dev)
+        except Exception as exc:  # a crash of one case is a failure of the selftest, not of the command
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if why is not None:
+            failures.append(f"{case.label}: {why}")
+            click.echo(f"  FAILED {case.label}: {why}")
+    passed = len(todo) - len(failures)
+    click.echo(f"correctness: {passed} of {len(todo)} cases ({time.perf_counter() - started:.1f} s)")
+    if not no_tune:
+        try:
+            click.echo("tune: " + quick_tune(dev, tune_seconds))
+        except Exception as exc:
+            failures.append(f"quick tune: {type(exc).__name__}: {exc}")
+            click.echo(f"  FAILED quick tune: {type(exc).__name__}: {exc}")
+    if failures:
+        click.echo(f"verdict: FAIL ({len(failures)} problem(s))")
+        sys.exit(1)
+    click.echo("verdict: PASS")

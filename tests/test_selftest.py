@@ -1,0 +1,43 @@
+"""``sae-tune selftest`` runs on CPU (the interpreter), prints one verdict, and fails when a kernel is
+wrong."""
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from sae_tune.cli import selftest as selftest_mod
+from sae_tune.cli.main import main
+
+
+def test_selftest_runs_on_cpu_and_passes():
+    result = CliRunner().invoke(main, ["selftest", "--device", "cpu", "--tune-seconds", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("selftest on cpu") and lines[-1] == "verdict: PASS"
+    total = len(list(selftest_mod.cases(full=False)))
+    assert f"correctness: {total} of {total} cases" in result.output
+    assert "tune: " in result.output and "not a measurement of speed" in result.output
+
+
+def test_selftest_fails_with_a_verdict_when_a_case_is_wrong(monkeypatch):
+    real, real_cases = selftest_mod.run_case, selftest_mod.cases
+    monkeypatch.setattr(
+        selftest_mod,
+        "run_case",
+        lambda case, dev: "wrong" if case.variant.alloc == "exact" else real(case, dev),
+    )
+    monkeypatch.setattr(selftest_mod, "cases", lambda full: list(real_cases(full))[:9])
+    result = CliRunner().invoke(main, ["selftest", "--device", "cpu", "--no-tune"])
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output and result.output.strip().endswith("problem(s))")
+
+
+def test_selftest_refuses_cpu_when_triton_was_imported_without_the_interpreter():
+    code = (
+        "import os, sys; os.environ.pop('TRITON_INTERPRET', None); import triton; "
+        "from sae_tune.cli.main import main; sys.argv = ['sae-tune', 'selftest', '--device', 'cpu']; main()"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "TRITON_INTERPRET=1" in done.stderr, done.stderr[-1000:]
