@@ -15,6 +15,8 @@ def test_selftest_runs_on_cpu_and_passes():
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("selftest on cpu") and lines[-1] == "verdict: PASS"
+    assert any(line.startswith("bench summary") for line in lines)
+    assert any(line.split()[:1] == ["dense"] and line.endswith("ok") for line in lines)
     total = len(list(selftest_mod.cases(full=False)))
     assert f"correctness: {total} of {total} cases" in result.output
     assert "tune: " in result.output and "not a measurement of speed" in result.output

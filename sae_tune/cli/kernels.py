@@ -171,7 +171,7 @@ def compile_check_command(
             click.echo(
                 f"[{time.perf_counter() - started:6.1f} s] compile {arch}: {len(space)} variants", err=True
             )
-        results += compile_check(space, arch, DTYPES[dtype], progress=bar)
+        results += compile_check(space, arch, DTYPES[dtype], progress=bar, F=F, D=D)
     if not tty:
         click.echo(f"[{time.perf_counter() - started:6.1f} s] compile-check done", err=True)
     if as_json:

@@ -23,8 +23,22 @@ def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--alloc", type=click.Choice(ALLOCS), default=_VARIANT_DEFAULTS.alloc, show_default=True
         ),
-        click.option("--overflow", type=click.Choice(OVERFLOWS), default=None, help="fixed only [fallback]"),
-        click.option("--max-l0", type=int, default=None, help="fixed only [128]"),
+        click.option(
+            "--overflow", type=click.Choice(OVERFLOWS), default=None, help="--alloc fixed only [fallback]"
+        ),
+        click.option("--max-l0", type=int, default=None, help="--alloc fixed only [128]"),
+        click.option(
+            "--chunk-slots",
+            type=int,
+            default=None,
+            help=f"--alloc chunked only: slots per chunk of a token [{_VARIANT_DEFAULTS.chunk_slots}]",
+        ),
+        click.option(
+            "--unit-chunks",
+            type=int,
+            default=None,
+            help=f"--alloc chunked only: chunks per work unit [{_VARIANT_DEFAULTS.unit_chunks}]",
+        ),
     ]
     for name in ("block_f", "block_d", "block_l", "num_warps", "num_warps_build", "num_stages"):
         flag = "--" + name.replace("_", "-")

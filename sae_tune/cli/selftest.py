@@ -115,6 +115,35 @@ def quick_tune(device: torch.device, seconds: float) -> str:
     )
 
 
+def bench_summary(device: torch.device) -> tuple[list[str], list[str]]:
+    """The bench's summary table (table 1) on ``device``: its lines, and the paths that were wrong.
+
+    On a GPU it is `sae-tune bench --quick`'s summary; on CPU a smaller shape, to stay short (and the
+    Triton modes are left out there: interpreter timings are not speed)."""
+    from dataclasses import replace
+
+    from sae_tune.bench.config import QUICK
+    from sae_tune.bench.measure import ERROR, WRONG
+    from sae_tune.bench.report import fmt_ms, fmt_x
+    from sae_tune.bench.runner import run_bench
+
+    config = QUICK
+    if device.type == "cpu":
+        config = replace(
+            QUICK, width=16384, d_model=256, rounds=3, budget_s=1.0, copy_mib=64, flush_mib=0,
+            compile_dense=False, name="selftest",
+        )  # fmt: skip
+    result = run_bench(config, device, tables=("summary",))
+    lines, wrong = [], []
+    for r in result.measurements:
+        if r.metric != "ms":
+            continue
+        lines.append(f"  {r.path:40s} {fmt_ms(r.value):>9s} ms  {fmt_x(r.vs_dense):>8s} vs dense  {r.status}")
+        if r.status in (WRONG, ERROR):
+            wrong.append(f"bench {r.path}: {r.status}")
+    return lines, wrong
+
+
 def _interpreter_for_cpu(device: torch.device) -> str | None:
     """Kernels on CPU tensors run in Triton's interpreter, which must be chosen before triton is imported."""
     if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -128,7 +157,7 @@ def _interpreter_for_cpu(device: torch.device) -> str | None:
 @click.command("selftest")
 @click.option("--device", type=DeviceType(), default=None, help="Default: cuda when present, else cpu.")
 @click.option("--full", is_flag=True, help="The whole shape grid, not the short subset.")
-@click.option("--no-tune", is_flag=True, help="Skip the quick tune.")
+@click.option("--no-tune", is_flag=True, help="Skip the quick tune and the bench summary.")
 @click.option("--tune-seconds", type=click.FloatRange(0.1), default=5.0, show_default=True)
 def selftest_command(device: str | None, full: bool, no_tune: bool, tune_seconds: float) -> None:
     """Check the kernels on this device, run a quick tune, print one verdict (exit 1 on a failure)."""
@@ -162,6 +191,15 @@ def selftest_command(device: str | None, full: bool, no_tune: bool, tune_seconds
         except Exception as exc:
             failures.append(f"quick tune: {type(exc).__name__}: {exc}")
             click.echo(f"  FAILED quick tune: {type(exc).__name__}: {exc}")
+    if not no_tune:
+        try:
+            lines, wrong = bench_summary(dev)
+            click.echo("bench summary (table 1 of `sae-tune bench`):")
+            click.echo("\n".join(lines))
+            failures += wrong
+        except Exception as exc:
+            failures.append(f"bench summary: {type(exc).__name__}: {exc}")
+            click.echo(f"  FAILED bench summary: {type(exc).__name__}: {exc}")
     if failures:
         click.echo(f"verdict: FAIL ({len(failures)} problem(s))")
         sys.exit(1)
