@@ -8,13 +8,14 @@ import dataclasses
 import torch
 
 from sae_tune.dispatch import decode as dispatch_decode
-from sae_tune.inputs import autocast_cast, autocast_dtype, check_decode_inputs
+from sae_tune.inputs import autocast_cast, autocast_dtype, check_decode_inputs, dtype_names, resolved
+from sae_tune.sparse_acts import SparseActs
 from sae_tune.targets.triton.launch import check_kernel_tensor, run_variant
 from sae_tune.targets.triton.variant import Variant
 
 
 def sparse_decode(
-    feature_acts: torch.Tensor,
+    feature_acts: torch.Tensor | SparseActs,
     W_dec: torch.Tensor,
     b_dec: torch.Tensor | None = None,
     *,
@@ -36,7 +37,15 @@ def sparse_decode(
     decodes exactly). ``allow_truncation`` lets them run without that promise and drop the features of a
     token beyond their cap; an ``unchecked`` variant needs one of the two (under ``k`` alone it runs with
     the fallback policy). Under ``torch.autocast`` the result has the dtype ``acts @ W_dec`` has there.
+
+    A ``SparseActs`` (from ``sparse_encode``) is decoded straight from its CSR: there is nothing to scan.
     """
+    if isinstance(feature_acts, SparseActs):
+        if variant is not None:
+            raise TypeError(
+                "variant= takes dense feature_acts; a SparseActs is decoded from its CSR directly"
+            )
+        return decode_sparse_acts(feature_acts, W_dec, b_dec)
     if variant is None:
         return dispatch_decode(feature_acts, W_dec, b_dec, k=k, allow_truncation=allow_truncation)
     if not isinstance(variant, Variant):
@@ -67,3 +76,53 @@ def sparse_decode(
         variant = dataclasses.replace(variant, overflow="fallback")
     out = run_variant(inputs, variant, allow_truncation=allow_truncation)
     return out.reshape(*inputs.lead_shape, inputs.D)
+
+
+def decode_sparse_acts(
+    acts: SparseActs, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``acts.to_dense() @ W_dec (+ b_dec)`` from the CSR: one weighted sum of W_dec rows per token
+    (``F.embedding_bag`` with the CSR offsets as bags), shaped ``acts.lead_shape + (D,)``."""
+    for name, t in (("W_dec", W_dec), ("b_dec", b_dec)):
+        if t is None and name == "b_dec":
+            continue
+        if not isinstance(t, torch.Tensor) or t.layout is not torch.strided:
+            raise TypeError(f"{name} must be a dense torch.Tensor, got {type(t).__name__}")
+    if W_dec.dim() != 2 or W_dec.shape[0] != acts.num_features:
+        raise ValueError(
+            f"W_dec must have shape ({acts.num_features}, D) to match the activations' {acts.num_features} "
+            f"features, got {tuple(W_dec.shape)}"
+        )
+    values, W = acts.values, resolved(W_dec)
+    target = autocast_dtype(values)
+    if target is not None:
+        values, W = autocast_cast(values, target), autocast_cast(W, target)
+    if values.dtype != W.dtype:
+        raise TypeError(
+            f"the activations ({values.dtype}) and W_dec ({W.dtype}) must have the same dtype, as for "
+            f"feature_acts @ W_dec (dtypes: {dtype_names((torch.float32, torch.float16, torch.bfloat16))})"
+        )
+    if W.device != acts.device:
+        raise ValueError(f"the activations are on {acts.device} but W_dec is on {W.device}")
+    D = W.shape[1]
+    if b_dec is not None:
+        if b_dec.shape != (D,):
+            raise ValueError(
+                f"b_dec must have shape ({D},) to match W_dec {tuple(W.shape)}, got {tuple(b_dec.shape)}"
+            )
+        if b_dec.device != W.device:
+            raise ValueError(f"b_dec is on {b_dec.device} but W_dec is on {W.device}")
+    if acts.nnz == 0 or D == 0:
+        out = torch.zeros(acts.n_tokens, D, dtype=W.dtype, device=W.device)
+    else:
+        out = torch.nn.functional.embedding_bag(
+            acts.indices.long(),
+            W,
+            acts.offsets,
+            mode="sum",
+            per_sample_weights=values,
+            include_last_offset=True,
+        )
+    if b_dec is not None:
+        out = out + resolved(b_dec)
+    return out.reshape(*acts.lead_shape, D)

@@ -6,6 +6,10 @@ self.b_dec`` inline (TopK through ``act_times_W_dec``, the same matmul), then ``
 each class's ``decode`` is wrapped to run unchanged inside ``RouteDecoderMatmul``, which swaps only that
 one matmul; the bias add, hooks, normalisation and reshaping run as SAELens wrote them.
 
+Sparse end to end (``saelens_sparse``): the ``forward`` of StandardSAE, JumpReLUSAE and TopKSAE (inherited
+from ``SAE``) is wrapped too; without activation hooks or autograd it encodes into ``SparseActs`` and
+decodes from them, never building the dense (tokens x features) activations; otherwise it is unchanged.
+
 TopK: the dispatcher may run paths that keep at most k features per token only if nothing can give a
 token more. The output of SAELens's ``TopK`` activation is marked as holding at most k per row; the mark
 holds while that very tensor reaches ``decode`` unmodified (a hook that replaces it or edits it in place
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sae_tune.integrations import saelens_sparse
 from sae_tune.integrations.route import RouteDecoderMatmul, promise_row_bound
 
 # module -> classes whose ``decode`` is wrapped (subclasses that do not override decode inherit it)
@@ -32,7 +37,9 @@ DECODE_CLASSES = {
     "sae_lens.saes.gated_sae": ("GatedSAE",),
 }
 TOPK_ACTIVATION = ("sae_lens.saes.topk_sae", "TopK")
-ORIGINAL = "__sae_tune_original__"
+ORIGINAL = saelens_sparse.ORIGINAL
+# set on a wrapper of an attribute the class inherited: unpatching deletes it instead of restoring it
+INHERITED = "__sae_tune_inherited__"
 
 
 def _routed_decode(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -71,6 +78,11 @@ def _targets(
         cls = getattr(module, name, None)
         if isinstance(cls, type):
             out.append((cls, "decode", _routed_decode))
+    for name, kind in saelens_sparse.FORWARD_CLASSES.get(module.__name__, ()):
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and "encode" in cls.__dict__ and "decode" in cls.__dict__:
+            saelens_sparse.study(cls, kind)
+            out.append((cls, "forward", saelens_sparse.sparse_forward))
     if module.__name__ == TOPK_ACTIVATION[0]:
         cls = getattr(module, TOPK_ACTIVATION[1], None)
         if isinstance(cls, type):
@@ -82,10 +94,16 @@ def patch_module(module: ModuleType) -> list[str]:
     """Wrap the targets defined in ``module`` (idempotent); returns the names wrapped now."""
     done = []
     for cls, attr, wrap in _targets(module):
-        current = cls.__dict__.get(attr)
-        if current is None or hasattr(current, ORIGINAL):
+        own = cls.__dict__.get(attr)
+        if own is not None and hasattr(own, ORIGINAL):
             continue
-        setattr(cls, attr, wrap(current))
+        current = own if own is not None else getattr(cls, attr, None)  # forward is inherited from SAE
+        if current is None:
+            continue
+        wrapped = wrap(current)
+        if own is None:
+            setattr(wrapped, INHERITED, True)
+        setattr(cls, attr, wrapped)
         done.append(f"{cls.__qualname__}.{attr}")
     return done
 
@@ -97,7 +115,10 @@ def unpatch_module(module: ModuleType) -> list[str]:
         current = cls.__dict__.get(attr)
         original = getattr(current, ORIGINAL, None)
         if original is not None:
-            setattr(cls, attr, original)
+            if getattr(current, INHERITED, False):
+                delattr(cls, attr)
+            else:
+                setattr(cls, attr, original)
             done.append(f"{cls.__qualname__}.{attr}")
     return done
 
