@@ -46,7 +46,7 @@ from sae_tune.dispatch.grad import DecodeFn, needs_grad, with_dense_backward
 from sae_tune.dispatch.identity import device_identity
 from sae_tune.dispatch.runtime import build, gate, verify
 from sae_tune.inputs import DecodeInputs, autocast_cast, autocast_dtype, check_decode_inputs
-from sae_tune.targets import GENERATED, TARGETS, CallFacts
+from sae_tune.targets import GENERATED, TARGETS, CallFacts, target_of
 
 log = logging.getLogger("sae_tune")
 
@@ -149,6 +149,7 @@ class Dispatcher:
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._trust: dict[tuple[Any, ...], bool] = {}
         self._fns: dict[tuple[str, str], DecodeFn] = {}
+        self._checked: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
     # --- the index ----------------------------------------------------------------------------------
@@ -368,7 +369,11 @@ class Dispatcher:
         if needs_grad(feature_acts, W_dec, b_dec):
             out = with_dense_backward(fn, inputs.acts, inputs.W_dec, inputs.b_dec)
         elif out is None:
-            out = fn(inputs.acts, inputs.W_dec, inputs.b_dec)
+            run = self._checked.get(option.what)
+            if run is None:
+                target = target_of(option.impl)
+                run = self._checked.setdefault(option.what, target.build_checked(option.impl, option.config))
+            out = run(inputs)
         return out.reshape(*inputs.lead_shape, inputs.D)
 
     def explain(

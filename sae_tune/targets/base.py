@@ -21,6 +21,7 @@ import torch
 
 if TYPE_CHECKING:
     from sae_tune.dispatch.costmodel import Rates
+    from sae_tune.inputs import DecodeInputs
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -161,6 +162,12 @@ class Target(ABC):
     @abstractmethod
     def build(self, impl: str, config: Mapping[str, Any]) -> DecodeFn:
         """A callable ``(acts (..., F), W_dec, b_dec) -> (..., D)`` in the dense expression's dtype."""
+
+    def build_checked(self, impl: str, config: Mapping[str, Any]) -> Callable[[DecodeInputs], torch.Tensor]:
+        """The decode as a function of inputs that ``check_decode_inputs`` already validated (the
+        dispatcher's hot path), returning (tokens, D); a target may skip re-checking what that covers."""
+        fn = self.build(impl, config)
+        return lambda inputs: fn(inputs.acts, inputs.W_dec, inputs.b_dec)
 
     def precompile(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> None:
         """Build the code of one config for ``dtype`` now (``compile-check``); raises on a build error.

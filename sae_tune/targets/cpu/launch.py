@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sae_tune.inputs import DecodeInputs
 from sae_tune.targets.cpu.build import CpuKernel, build_source, forget_loaded
 from sae_tune.targets.cpu.render import CpuDtypes, check_dtypes, render
 from sae_tune.targets.cpu.variant import CpuVariant
@@ -40,6 +41,7 @@ def build(variant: CpuVariant, dtypes: CpuDtypes | tuple) -> CpuKernel:
 def forget_built() -> None:
     """Forget this process's loaded kernels (tests: the next build goes back to the disk)."""
     _built.clear()
+    _prepared.clear()
     forget_loaded()
 
 
@@ -79,11 +81,41 @@ def run(
     dtypes = kernel_dtypes(W_dec, b_dec)
     if out_dtype != dtypes.out:
         raise TypeError(f"out_dtype must be {dtypes.out} (the dense expression's dtype), got {out_dtype}")
-    kernel = build(variant, dtypes)
     # a negated or conjugated view's memory does not hold its values: materialise them first
     acts = acts2d.resolve_neg().resolve_conj()
     W = W_dec.resolve_neg().resolve_conj()
     b = b_dec.resolve_neg().resolve_conj() if b_dec is not None else None
+    return _call(variant, build(variant, dtypes), acts, W, b, out_dtype)
+
+
+_prepared: dict[tuple[CpuVariant, torch.dtype, torch.dtype | None], tuple[CpuKernel, torch.dtype]] = {}
+
+
+def run_checked(variant: CpuVariant, inputs: DecodeInputs) -> torch.Tensor:
+    """``run`` for inputs that ``check_decode_inputs`` already validated and resolved (the dispatcher's
+    hot path): only what that check leaves out is checked here, and the kernel is looked up once."""
+    acts, W, b = inputs.acts, inputs.W_dec, inputs.b_dec
+    if not (acts.is_cpu and W.is_cpu):
+        raise ValueError(f"the CPU kernels run on CPU tensors; the inputs are on {acts.device}")
+    if inputs.F > MAX_FEATURES:
+        raise ValueError(f"W_dec has {inputs.F} rows; the CPU kernels index features with int32")
+    key = (variant, W.dtype, None if b is None else b.dtype)
+    prepared = _prepared.get(key)
+    if prepared is None:
+        dtypes = kernel_dtypes(W, b)
+        prepared = _prepared[key] = (build(variant, dtypes), dtypes.out)
+    kernel, out_dtype = prepared
+    return _call(variant, kernel, acts, W, b, out_dtype)
+
+
+def _call(
+    variant: CpuVariant,
+    kernel: CpuKernel,
+    acts: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     (B, F), D = acts.shape, W.shape[1]
     out = torch.empty((B, D), dtype=out_dtype)
     if B == 0 or D == 0:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sae_tune.targets.base import CallFacts, DecodeFn, Gated, ModelProblem, SpaceRequest, Target
 from sae_tune.targets.cpu import variant as cpu_variant
 from sae_tune.targets.cpu.variant import CpuVariant
+
+if TYPE_CHECKING:
+    from sae_tune.inputs import DecodeInputs
 
 NAME = "cpu"
 
@@ -76,13 +79,13 @@ class CpuTarget(Target):
     def build(self, impl: str, config: Mapping[str, Any]) -> DecodeFn:
         """Compiles (or loads the verified object of) the variant now, so no timing pays for it."""
         from sae_tune.inputs import check_decode_inputs
-        from sae_tune.targets.cpu.launch import run
+        from sae_tune.targets.cpu.launch import run_checked
 
         variant = CpuVariant.from_dict(config)
 
         def decode(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
             inputs = check_decode_inputs(acts, W_dec, b_dec)
-            out = run(variant, inputs.acts, inputs.W_dec, inputs.b_dec, inputs.out_dtype)
+            out = run_checked(variant, inputs)
             return out.reshape(*inputs.lead_shape, inputs.D)
 
         return decode
@@ -91,6 +94,12 @@ class CpuTarget(Target):
         from sae_tune.targets.cpu.launch import build
 
         build(CpuVariant.from_dict(config), (dtype, None, dtype))
+
+    def build_checked(self, impl: str, config: Mapping[str, Any]) -> Callable[[DecodeInputs], torch.Tensor]:
+        from sae_tune.targets.cpu.launch import run_checked
+
+        variant = CpuVariant.from_dict(config)
+        return lambda inputs: run_checked(variant, inputs)
 
     def render(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> str | None:
         from sae_tune.targets.cpu.render import render
