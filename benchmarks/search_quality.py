@@ -21,7 +21,15 @@ import optuna
 import torch
 
 from sae_tune.autotune.candidates import Candidate, search_space
-from sae_tune.autotune.search import CandidateFailed, Tuner, make_sampler, params_of, quiet_optuna, suggest
+from sae_tune.autotune.search import (
+    SUGGESTIONS_PER_TRIAL,
+    CandidateFailed,
+    Tuner,
+    make_sampler,
+    params_of,
+    quiet_optuna,
+    suggest,
+)
 from sae_tune.cache.store import Store
 from sae_tune.device import describe_device
 from sae_tune.specs import get_spec, spec_from_shape
@@ -51,7 +59,8 @@ def exhaustive(tuner: Tuner, batch: int) -> tuple[dict[Candidate, float], int]:
 def replay(
     tuner: Tuner, batch: int, table: dict[Candidate, float], trials: int, seed: int
 ) -> tuple[float, int]:
-    """Best time the search finds in ``trials`` trials, and how many distinct candidates it measured."""
+    """Best time the search finds measuring ``trials`` distinct candidates (as the tuner counts them),
+    and how many it measured."""
     key = tuner.key(batch, tuner.l0.mean)
     space = search_space(tuner.spec, key.batch_bucket, tuner.dtype, tuner.device, tuner.max_l0s)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(seed, trials))
@@ -61,12 +70,17 @@ def replay(
 
     def objective(trial: optuna.Trial) -> float:
         cand = suggest(trial, space)
+        seen.add(cand)
         if cand not in table:
             raise CandidateFailed(f"{cand.label} failed")
-        seen.add(cand)
         return table[cand]
 
-    study.optimize(objective, n_trials=trials, catch=(CandidateFailed,))
+    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if len(seen) >= trials:  # as the tuner counts: distinct candidates measured
+            study.stop()
+
+    n = trials * SUGGESTIONS_PER_TRIAL
+    study.optimize(objective, n_trials=n, catch=(CandidateFailed,), callbacks=[stop])
     best = min((table[c] for c in seen), default=float("inf"))
     return best, len(seen)
 

@@ -188,7 +188,7 @@ def test_compile_check_prints_a_line_per_architecture_on_stderr(monkeypatch):
     import sae_tune.targets.triton.compile_check as compile_mod
     import sae_tune.targets.triton.support as support
 
-    def fake_compile_check(space, arch, dtype, progress):
+    def fake_compile_check(space, arch, dtype, progress, F=None, D=None):
         return [
             compile_mod.CompileResult(v.name, arch, "float32", True, 32, 0, 1024) for v in progress(space[:2])
         ]

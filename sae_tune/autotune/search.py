@@ -303,15 +303,19 @@ class Tuner:
         for params in self._warm_starts(space, key):
             study.enqueue_trial(params, skip_if_exists=True)
 
+        searched = 0  # distinct candidates this study measured (or saw fail): what --trials counts
+
         def objective(trial: optuna.Trial) -> float:
-            nonlocal failed
+            nonlocal failed, searched
             cand = suggest(trial, space)
             if cand in measured:
                 trial.set_user_attr("repeat", True)
                 return measured[cand]
             if cand in failures:
+                trial.set_user_attr("repeat", True)
                 raise CandidateFailed(f"failed before: {failures[cand]}")
             trial.set_user_attr("candidate", cand.label)
+            searched += 1
             try:
                 timing = self.measure(cand, work)
             except CandidateFailed as exc:
@@ -324,17 +328,17 @@ class Tuner:
             return timing.ms
 
         def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if self.progress is not None:
+            if self.progress is not None and not trial.user_attrs.get("repeat"):
                 best = min(measured.values()) if measured else float("nan")
                 self.progress(1, f"best {best:.3f} ms")
-            if len(measured) + len(failures) >= space.size():
-                study.stop()  # every candidate has been tried: more trials would only repeat them
+            if searched >= trials or len(measured) + len(failures) >= space.size():
+                study.stop()  # the budget of measurements is spent, or every candidate was tried
 
         budget = f"{trials} trials" + (f" or {time_budget:g} s" if time_budget is not None else "")
         self._say(f"B={batch_size}: search ({budget}, {space.size()} candidates)")
         study.optimize(
             objective,
-            n_trials=trials,
+            n_trials=trials * SUGGESTIONS_PER_TRIAL,  # a repeated suggestion costs no measurement
             timeout=time_budget,
             catch=(CandidateFailed,),
             callbacks=[on_trial],
@@ -441,6 +445,11 @@ def _same_structure(config: dict[str, Any], reference: dict[str, Any], prefix: s
         return True
     first = next(iter(reference))
     return str(config.get(first)) == prefix.split(".", 1)[1]
+
+
+# Suggestions allowed per measured candidate: TPE repeats good candidates as it converges, and a repeat
+# costs nothing (its time is known), so it does not count against --trials; this bounds the loop.
+SUGGESTIONS_PER_TRIAL = 4
 
 
 def make_sampler(seed: int, trials: int = 20) -> optuna.samplers.BaseSampler:

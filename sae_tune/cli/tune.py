@@ -342,7 +342,8 @@ def tune_options(command):
             type=click.IntRange(1),
             default=20,
             show_default=True,
-            help="Optuna trials per batch size.",
+            help="Candidates measured per batch size by the search (a repeated suggestion is not "
+            "measured again and does not count).",
         ),
         click.option(
             "--time-budget",
