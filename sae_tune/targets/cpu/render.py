@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
-import jinja2
 import torch
 
 from sae_tune.targets.cpu.variant import FAMILIES, SCHEDULES, CpuVariant
+from sae_tune.targets.templating import environment, folder_hash
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 ENTRY_TEMPLATE = "decode.c.jinja"
@@ -32,14 +31,7 @@ _ACT_VALUE = {
     torch.bfloat16: "f32_from_bf16",
 }
 
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-    autoescape=False,
-)
+_env = environment(TEMPLATE_DIR)
 
 
 class CpuDtypes(NamedTuple):
@@ -69,11 +61,7 @@ def check_dtypes(dtypes: CpuDtypes | tuple) -> CpuDtypes:
 @functools.cache
 def template_hash() -> str:
     """sha256 over every C template's name and text."""
-    digest = hashlib.sha256()
-    for path in sorted(TEMPLATE_DIR.glob("*.jinja")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return folder_hash(TEMPLATE_DIR)
 
 
 def _checked_params(variant: CpuVariant) -> dict[str, object]:

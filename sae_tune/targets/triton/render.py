@@ -22,34 +22,22 @@ import warnings
 from pathlib import Path
 from types import CodeType, ModuleType
 
-import jinja2
-
 from sae_tune import __version__
 from sae_tune.artefacts import ArtefactReplaced, read_if_matches, sha256_hex, write_atomic
 from sae_tune.paths import kernel_dir, private_kernel_dir
+from sae_tune.targets.templating import environment, folder_hash
 from sae_tune.targets.triton.variant import ALLOCS, Variant
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 ENTRY_TEMPLATE = "module.py.jinja"
 
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-    autoescape=False,
-)
+_env = environment(TEMPLATE_DIR)
 
 
 @functools.cache
 def template_hash() -> str:
     """sha256 over every template's name and text: part of every cache key."""
-    digest = hashlib.sha256()
-    for path in sorted(TEMPLATE_DIR.glob("*.jinja")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return folder_hash(TEMPLATE_DIR)
 
 
 def _checked_params(variant: Variant) -> dict[str, object]:
