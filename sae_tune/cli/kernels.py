@@ -12,7 +12,11 @@ import torch
 
 from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.cli.options import DTYPES, dtype_option, variant_options
+from sae_tune.targets import GENERATED
 from sae_tune.targets.triton.variant import Variant
+
+# the generated targets by name, as --target offers them
+GENERATED_NAMES = [t.name for t in GENERATED]
 
 
 def _other_target(name: str, config_json: str | None, dtype: str) -> str:
@@ -41,7 +45,7 @@ def _other_target(name: str, config_json: str | None, dtype: str) -> str:
 @variant_options
 @click.option(
     "--target",
-    type=click.Choice(["triton", "cpu"]),
+    type=click.Choice(GENERATED_NAMES),
     default="triton",
     show_default=True,
     help="Which generated target: Triton (the options above) or the C target (--config).",
@@ -126,7 +130,7 @@ def _build_all(name: str, F: int, D: int, dtype: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
 @click.option(
     "--target",
-    type=click.Choice(["triton", "cpu"]),
+    type=click.Choice(GENERATED_NAMES),
     default="triton",
     show_default=True,
     help="triton: compile for the --arch GPUs; cpu: build every C variant with this machine's compiler.",

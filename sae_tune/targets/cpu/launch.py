@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sae_tune.inputs import DecodeInputs
+from sae_tune.inputs import DecodeInputs, resolved
 from sae_tune.targets.cpu.build import CpuKernel, build_source, forget_loaded
 from sae_tune.targets.cpu.render import CpuDtypes, check_dtypes, render
 from sae_tune.targets.cpu.variant import CpuVariant
@@ -82,9 +82,8 @@ def run(
     if out_dtype != dtypes.out:
         raise TypeError(f"out_dtype must be {dtypes.out} (the dense expression's dtype), got {out_dtype}")
     # a negated or conjugated view's memory does not hold its values: materialise them first
-    acts = acts2d.resolve_neg().resolve_conj()
-    W = W_dec.resolve_neg().resolve_conj()
-    b = b_dec.resolve_neg().resolve_conj() if b_dec is not None else None
+    acts, W = resolved(acts2d), resolved(W_dec)
+    b = resolved(b_dec) if b_dec is not None else None
     return _call(variant, build(variant, dtypes), acts, W, b, out_dtype)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from sae_tune.targets.fields import check_fields
+
 FAMILIES = ("fused", "twophase")
 SCHEDULES = ("static", "dynamic", "guided")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -27,10 +29,6 @@ _INT_FIELDS: dict[str, tuple[int, int, bool]] = {
     "scan_width": (8, 1024, True),
     "threads": (0, 1024, False),
 }
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _next_pow2(n: int) -> int:
@@ -63,18 +61,7 @@ class CpuVariant:
     schedule: str = "static"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("family", FAMILIES), ("schedule", SCHEDULES)):
-            value = getattr(self, name)
-            if type(value) is not str or value not in allowed:
-                raise ValueError(f"CpuVariant.{name} must be one of {list(allowed)}, got {value!r}")
-        for name, (lo, hi, pow2) in _INT_FIELDS.items():
-            value = getattr(self, name)
-            if type(value) is not int:
-                raise TypeError(f"CpuVariant.{name} must be an int, got {type(value).__name__} {value!r}")
-            if not lo <= value <= hi:
-                raise ValueError(f"CpuVariant.{name} must be in [{lo}, {hi}], got {value}")
-            if pow2 and not _is_pow2(value):
-                raise ValueError(f"CpuVariant.{name} must be a power of two, got {value}")
+        check_fields("CpuVariant", self, {"family": FAMILIES, "schedule": SCHEDULES}, _INT_FIELDS)
         if self.family == "fused" and self.prefetch != 0:
             raise ValueError("CpuVariant.prefetch applies to family='twophase' only; use 0 for fused")
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from sae_tune.targets.fields import check_fields
+
 ALLOCS = ("chunked", "exact", "fixed")
 OVERFLOWS = ("validate", "fallback", "unchecked")
 # Fields that apply to one allocation only; elsewhere they must keep their default.
@@ -39,10 +41,6 @@ _INT_FIELDS: dict[str, tuple[int, int, bool]] = {
 TILE_ELEMS_PER_THREAD = 32
 # Chunked heads of the default space: (block_f, chunk_slots, unit_chunks).
 CHUNKED_HEADS = ((1024, 8, 8), (1024, 16, 4), (4096, 16, 2))
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def next_pow2(n: int) -> int:
@@ -83,18 +81,7 @@ class Variant:
     unit_chunks: int = 8
 
     def __post_init__(self) -> None:
-        for name, allowed in (("alloc", ALLOCS), ("overflow", OVERFLOWS)):
-            value = getattr(self, name)
-            if type(value) is not str or value not in allowed:
-                raise ValueError(f"Variant.{name} must be one of {list(allowed)}, got {value!r}")
-        for name, (lo, hi, pow2) in _INT_FIELDS.items():
-            value = getattr(self, name)
-            if type(value) is not int:
-                raise TypeError(f"Variant.{name} must be an int, got {type(value).__name__} {value!r}")
-            if not lo <= value <= hi:
-                raise ValueError(f"Variant.{name} must be in [{lo}, {hi}], got {value}")
-            if pow2 and not _is_pow2(value):
-                raise ValueError(f"Variant.{name} must be a power of two, got {value}")
+        check_fields("Variant", self, {"alloc": ALLOCS, "overflow": OVERFLOWS}, _INT_FIELDS)
         defaults = Variant.__dataclass_fields__
         for alloc, names in _ALLOC_FIELDS.items():
             if self.alloc == alloc:
