@@ -433,3 +433,13 @@ def test_torch_path_configs_are_exactly_their_build_params(store):
             store.record_trial(make_key(), "embedding_bag_topk", config, 1.0)
         assert err.value.field == field
     assert len(store.trials()) == 2
+
+
+def test_version_falls_back_to_the_package_when_metadata_is_unreadable(monkeypatch):
+    """``metadata.version`` returns None when the install folder cannot be read (another user): the
+    provenance must still hold a version string, or every write fails validation."""
+    import sae_tune
+    from sae_tune.cache import store as store_mod
+
+    monkeypatch.setattr(store_mod.metadata, "version", lambda name: None)
+    assert store_mod.sae_tune_version() == sae_tune.__version__

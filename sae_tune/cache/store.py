@@ -126,12 +126,17 @@ def l0_bucket(l0: float) -> int:
 
 
 def sae_tune_version() -> str:
-    """The installed sae-tune version (provenance); "0+unknown" when running from an uninstalled tree."""
+    """The installed sae-tune version (provenance); the package's own ``__version__`` when the installed
+    metadata is absent or unreadable (an uninstalled tree, or a user who cannot read the install folder,
+    where ``metadata.version`` returns None), else "0+unknown"."""
     try:
-        return metadata.version("sae-tune")
+        installed = metadata.version("sae-tune")
     except metadata.PackageNotFoundError:
-        version = getattr(sys.modules.get("sae_tune"), "__version__", None)
-        return str(version) if version else "0+unknown"
+        installed = None
+    if installed:
+        return installed
+    version = getattr(sys.modules.get("sae_tune"), "__version__", None)
+    return str(version) if version else "0+unknown"
 
 
 def host_kind() -> str:
