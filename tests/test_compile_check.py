@@ -105,7 +105,7 @@ def run_child(code: str) -> subprocess.CompletedProcess:
 
 def test_default_variant_gathers_with_128_bit_loads_and_no_barrier_in_its_loops():
     """The decode kernel of the default variant, specialised as launched for gemma-2b-l20 (fp32):
-    LDG.E.128 W_dec gathers, no BAR inside a loop, no spills, on sm_90 and sm_89 (and sm_80)."""
+    LDG.E.128 W_dec gathers and slot loads, no BAR at all, no spills, on sm_90 and sm_89 (and sm_80)."""
     code = (
         "import json, torch; from sae_tune.targets.triton.compile_check import compile_variant; "
         "from sae_tune.targets.triton.variant import Variant; "
@@ -119,6 +119,10 @@ def test_default_variant_gathers_with_128_bit_loads_and_no_barrier_in_its_loops(
         decode = next(k for k in row["kernels"] if k["kernel"] == "decode_kernel")
         assert decode["sass"]["ldg128"] is True, (row["arch"], decode)
         assert decode["sass"]["barriers_in_loop"] == 0, (row["arch"], decode)
+        # both warps along D: the final reduction stays in each thread (no barrier at all), and the slot
+        # indices and values load as 128-bit vectors (the 16 x 256, 4-warp tile had 75 narrow loads)
+        assert decode["sass"]["barriers"] == 0, (row["arch"], decode)
+        assert decode["sass"]["ldg_narrow"] <= 24, (row["arch"], decode)
 
 
 def test_compiled_arguments_carry_the_launch_specialisation():
@@ -157,9 +161,13 @@ def test_sass_facts_find_barriers_inside_loops_only():
     """
     assert sass_facts(sass) == {
         "ldg128": True,
+        "ldg_narrow": 0,
         "barriers": 2,
         "barriers_in_loop": 1,
         "loops": 1,
         "instructions": 7,
     }
-    assert sass_facts("/*0000*/ LDG.E.64 R4, desc[UR4][R2.64] ;")["ldg128"] is False
+    narrow = sass_facts(
+        "/*0000*/ LDG.E.64 R4, desc[UR4][R2.64] ;\n/*0010*/ @!P5 LDG.E R5, desc[UR8][R8.64] ;"
+    )
+    assert narrow["ldg128"] is False and narrow["ldg_narrow"] == 2

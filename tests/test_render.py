@@ -28,7 +28,7 @@ def test_rendered_module_is_valid_python_with_the_kernels_of_its_pipeline(varian
     tree = ast.parse(source)
     kernels = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     pipeline = {
-        "chunked": {"fill_chunks_kernel", "decode_kernel", "reduce_kernel"},
+        "chunked": {"fill_chunks_kernel", "decode_kernel", "reduce_kernel", "offset"},
         "exact": {"count_kernel", "fill_kernel", "decode_kernel"},
         "fixed": {"fill_fixed_kernel", "decode_kernel"},
     }

@@ -155,6 +155,34 @@ def test_units_split_a_heavy_token_and_reduce_in_order():
     assert direct.constexprs["DIRECT"] is True and direct.grid == (3, 4)
 
 
+def test_w_dec_offsets_are_int32_only_where_they_fit():
+    """The chunked decode multiplies W_dec offsets in 32 bits only when every (f, d) offset fits."""
+    v = Variant(block_f=256, chunk_slots=4, unit_chunks=2, block_l=8, block_d=64)
+    view = build_sparse(random_acts(2, 512, 5, torch.float32), v)
+    W = torch.empty(512, 64, device="meta")
+    decode = decode_launches(view, W, None, torch.empty(2, 64))[0]
+    assert decode.constexprs["WIDE"] is False
+    assert launch_mod.fits_int32(2**31 // 4096 + 1, 4096, torch.empty(1, 4096, device="meta")) is False
+    assert launch_mod.fits_int32(2**31 // 4096, 4096, torch.empty(1, 4096, device="meta")) is True
+    # a 1M x 4096 W_dec (2**32 elements) and its transposed view both need int64
+    big = torch.empty(2**20, 4096, device="meta")
+    assert not launch_mod.fits_int32(2**20, 4096, big)
+    assert not launch_mod.fits_int32(2**20, 4096, big.t().contiguous().t())
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_both_offset_widths_decode_exactly(monkeypatch, wide, dtype):
+    """The int64 path (F x D too large for int32) decodes the same as the int32 one: forced here, as
+    no test machine holds a W_dec of 2**31 elements."""
+    monkeypatch.setattr(launch_mod, "fits_int32", lambda F, D, W: not wide)
+    acts = random_acts(3, 1100, [0, 40, 1100], dtype, seed=5)
+    W, b = random_weights(1100, 70, dtype)
+    v = Variant(block_f=256, chunk_slots=4, unit_chunks=2, block_l=8, block_d=64)
+    view = build_sparse(acts, v)
+    assert decode_launches(view, W, b, torch.empty(3, 70, dtype=dtype))[0].constexprs["WIDE"] is wide
+    assert_matches_dense(run_variant(check_decode_inputs(acts, W, b), v), acts, W, b)
+
+
 # --- rounding of the output ---------------------------------------------------------------------------
 def dyadic_case(dtype):
     """Outputs 1 + j * 2**-12 (and their negatives), exact in fp32: about half of them sit above the

@@ -7,7 +7,8 @@ are marked so), so what is compiled is the code a GPU would run. ``triton.compil
 a cubin for the requested architecture (Triton ships ptxas); ``cuobjdump -res-usage`` reports registers,
 local memory (the templates use no local arrays, so it is spills) and shared memory, and ``cuobjdump
 -sass`` the machine code, from which each kernel's ``sass`` facts are read: ``ldg128`` (128-bit global
-loads, the W_dec gather's width), ``barriers_in_loop`` (BAR instructions inside a loop of the kernel).
+loads, the W_dec gather's width), ``ldg_narrow`` (global loads narrower than 128 bits: scalar index and
+value loads), ``barriers_in_loop`` (BAR instructions inside a loop of the kernel).
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ def sass_facts(sass: str) -> dict[str, object]:
     barriers = [addr for addr, op in code if re.search(r"\bBAR\b", op)]
     return {
         "ldg128": any(re.search(r"\bLDG\.E\.128\b", op) for _, op in code),
+        "ldg_narrow": sum(
+            bool(re.search(r"\bLDG\b", op) and not re.search(r"\.128\b", op)) for _, op in code
+        ),
         "barriers": len(barriers),
         "barriers_in_loop": sum(any(lo <= a <= hi for lo, hi in loops) for a in barriers),
         "loops": len(loops),

@@ -155,6 +155,13 @@ def _d_tiles(D: int, block_d: int) -> int:
     return tiles
 
 
+def fits_int32(F: int, D: int, W_dec: torch.Tensor) -> bool:
+    """Whether every W_dec element offset, (F - 1) x stride_wf + (D - 1) x stride_wd, fits int32 (the
+    chunked decode then multiplies in 32 bits)."""
+    largest = max(F - 1, 0) * abs(W_dec.stride(0)) + max(D - 1, 0) * abs(W_dec.stride(1))
+    return largest < 2**31
+
+
 def decode_launches(
     view: SparseView, W_dec: torch.Tensor, b_dec: torch.Tensor | None, out: torch.Tensor
 ) -> list[Launch]:
@@ -173,7 +180,9 @@ def decode_launches(
         part = out if direct else torch.empty((B * units, D), dtype=torch.float32, device=out.device)
         args = (view.offsets, view.cols, view.vals, acts, W_dec, bias, out, part, F, D, n_chunks(F, v), units)
         args += (acts.stride(0), acts.stride(1), *w_strides)
-        launches = [Launch("decode_kernel", (B * units, tiles), args, {**has_bias, "DIRECT": direct}, **opts)]
+        wide = not fits_int32(F, D, W_dec)
+        consts = {**has_bias, "DIRECT": direct, "WIDE": wide}
+        launches = [Launch("decode_kernel", (B * units, tiles), args, consts, **opts)]
         if not direct:
             reduce_args = (part, bias, out, D, units, bias.stride(0), out.stride(0))
             launches.append(Launch("reduce_kernel", (B, tiles), reduce_args, has_bias, **opts))

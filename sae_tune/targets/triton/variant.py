@@ -66,6 +66,11 @@ class Variant:
     block_d   output columns per decode program.
     block_l   non-zeros gathered per decode step (1 = scalar loop).
     num_warps / num_warps_build / num_stages  launch options of the decode and build kernels.
+
+    The default decode tile (8 x 256, 2 warps) puts both warps along D: in fp32 each thread owns one
+    128-bit vector of every row of the tile, so Triton's layout gives each thread all 8 slot indices and
+    values contiguously (two 128-bit loads each instead of 8 scalar ones) and the final reduction stays in
+    the thread (no barrier, no shared memory). compile-check's ``ldg_narrow`` counts what stays scalar.
     """
 
     alloc: str = "chunked"
@@ -73,8 +78,8 @@ class Variant:
     max_l0: int = 128
     block_f: int = 1024
     block_d: int = 256
-    block_l: int = 16
-    num_warps: int = 4
+    block_l: int = 8
+    num_warps: int = 2  # with block_d 256: every warp along D, so a thread holds all BLOCK_L rows (below)
     num_warps_build: int = 4
     num_stages: int = 2
     chunk_slots: int = 8
