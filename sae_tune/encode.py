@@ -25,10 +25,12 @@ import torch
 
 from sae_tune.inputs import resolved
 from sae_tune.sparse_acts import VALUE_DTYPES, SparseActs
+from sae_tune.targets.base import EncodeProblem, EncodeRequest, EncodeResult
 
 # Pre-activation elements per chunk for the default chunk size: 16M (64 MiB in float32); measured on this
 # project's CPU at B=1024, F=65536, narrower chunks (2048-4096 features) made the GEMM up to 1.3x slower,
-# 16384 ran at the full GEMM's speed. A tuned parameter (``chunk=``) where the cache provides one.
+# 16384 ran at the full GEMM's speed. The chunk size is tuned per device, dtype, shape and batch bucket
+# (``sae_tune.autotune.encode_search``); this default runs where nothing is tuned.
 CHUNK_ELEMENTS = 1 << 24
 MIN_CHUNK = 256
 
@@ -238,6 +240,22 @@ def _resolve_ties(
     return v, i
 
 
+def encode_chunked(problem: EncodeProblem, chunk: int) -> EncodeResult:
+    """The (offsets, indices, values) of ``problem`` with ``chunk`` features per GEMM (today's torch code,
+    the library target's encode): any chunk >= ``MIN_CHUNK`` gives the same non-zeros bit for bit."""
+    x, W, b = problem.x, problem.W_enc, problem.b_enc
+    size = min(chunk, W.shape[1])
+    with torch.no_grad():
+        if problem.k is not None:
+            return _encode_topk(x, W, b, problem.k, size)
+        return _encode_threshold(x, W, b, problem.threshold, size)
+
+
+def activation_of(threshold: object, k: object) -> str:
+    """The encode request's activation for ``sparse_encode``'s arguments."""
+    return "topk" if k is not None else "jumprelu" if threshold is not None else "relu"
+
+
 def sparse_encode(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -251,8 +269,10 @@ def sparse_encode(
 
     ``threshold`` (F,) gives a JumpReLU SAE, ``k`` a TopK SAE, neither a ReLU (standard) SAE; the
     non-zeros are exactly those of SAELens's ``encode`` given the processed input (``sae_in``). ``chunk``
-    is the number of features per GEMM, at least 256 (default: about 16M pre-activations per chunk); extra
-    memory is O(B x chunk + nnz). All tensors must share one dtype and device; there is no backward.
+    is the number of features per GEMM, at least 256; without it the encode the tuner measured fastest for
+    this device, dtype, shape and batch size runs (``sae_tune.dispatch.encode_choice``), else about 16M
+    pre-activations per chunk. Extra memory is O(B x chunk + nnz). All tensors must share one dtype and
+    device; there is no backward.
     """
     x, thr = _check(x, W_enc, b_enc, threshold, k, chunk)
     D, F = W_enc.shape
@@ -265,10 +285,16 @@ def sparse_encode(
         empty = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
         none = torch.zeros(0, dtype=torch.int64, device=x.device)
         return SparseActs._trusted(empty, none, torch.zeros(0, dtype=x.dtype, device=x.device), F, lead, k)
-    size = chunk if chunk is not None else default_chunk(B, F)
+    problem = EncodeProblem(flat, W, b, thr, k)
     with torch.no_grad():
-        if k is not None:
-            offsets, indices, values = _encode_topk(flat, W, b, k, min(size, F))
+        if chunk is not None or flat.stride(-1) != 1:
+            # An x whose rows are not in memory order (e.g. transposed) runs the torch code on it as it is:
+            # the GEMM of a copy can round differently (float16), and the encode contract's impls take
+            # contiguous rows. So such an x keeps the untuned default chunk.
+            offsets, indices, values = encode_chunked(problem, chunk or default_chunk(B, F))
         else:
-            offsets, indices, values = _encode_threshold(flat, W, b, thr, min(size, F))
+            from sae_tune.dispatch.encode_choice import run_encode
+
+            request = EncodeRequest(B, F, D, x.dtype, x.device, activation_of(thr, k), k)
+            offsets, indices, values = run_encode(request, problem)
     return SparseActs._trusted(offsets, indices, values, F, lead, k)

@@ -9,6 +9,7 @@ import sae_tune
 from sae_tune.autotune.verify import Reference
 from sae_tune.bench import BenchConfig, ShapeCase, run_bench, write_outputs
 from sae_tune.bench import paths as bench_paths
+from sae_tune.bench.config import ForwardCase
 from sae_tune.bench.flush import CacheFlush, last_level_cache_bytes
 from sae_tune.bench.measure import ERROR, OK, UNAVAILABLE, WRONG, Measurement, Timer, compare
 from sae_tune.bench.memory import cpu_peak_bytes, dense_model
@@ -38,6 +39,7 @@ TINY = BenchConfig(
     copy_mib=1,
     flush_mib=1,
     compile_dense=False,
+    forward_cases=(ForwardCase("tiny forward", spec_from_shape(512, 16, 6), (4,)),),
     name="tiny",
 )
 STAMP_COLUMNS = (
@@ -77,7 +79,7 @@ def test_writes_markdown_csv_and_plots(tiny_run):
     text = (out / "bench.md").read_text()
     for heading in HEADINGS.values():
         assert heading in text
-    assert len(HEADINGS) == 7
+    assert len(HEADINGS) == 8
     assert result.stamp.device in text and result.stamp.torch in text
     assert "interpreter" in text  # forced Triton on CPU is labelled as not speed
     assert "cold cache (1 MiB rewritten" in text
@@ -95,7 +97,7 @@ def test_csv_rows_are_stamped(tiny_run):
         assert row["date"] and row["config"] == "tiny"
     tables = {row["table"] for row in rows}
     assert {"summary", "kernel_vs_pipeline", "l0_sweep", "width_sweep", "real_shapes"} <= tables
-    assert {"peak_memory", "bandwidth", "batch_sweep"} <= tables
+    assert {"peak_memory", "bandwidth", "batch_sweep", "sae_forward"} <= tables
 
 
 def test_every_timed_path_was_checked_and_triton_modes_ran(tiny_run):

@@ -162,7 +162,7 @@ HOSTILE = [
     ({"batch_bucket": 48}, "batch_bucket"),
     ({"l0_bucket": 1 << 25}, "l0_bucket"),
     ({"dtype": "float64"}, "dtype"),
-    ({"op": "encode"}, "op"),
+    ({"op": "backward"}, "op"),
     ({"capability": "9.0; rm -rf /"}, "capability"),
     ({"capability": None}, "impl"),  # a triton time on a CPU key
     ({"device_name": "A" * 10_000}, "device_name"),

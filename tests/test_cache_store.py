@@ -86,7 +86,7 @@ def test_batch_bucket_is_smallest_power_of_two_at_least_b(b):
         ("capability", "9"),
         ("capability", 9.0),
         ("dtype", "float64"),
-        ("op", "encode"),
+        ("op", "backward"),  # "encode" and "encode_topk" are ops since encode tuning
         ("device_name", ""),
         ("device_name", "GPU\x1b[31m"),
         ("device_name", "x" * 500),

@@ -37,6 +37,8 @@ class Measurement:
     max_abs_diff        largest |out - dense out|; status says whether the output is within the dtype's
                         tolerance of the exact (fp64) result.
     spread              interquartile range of the timing samples relative to the median.
+    of_baseline         this value / the baseline's value, for tables with another baseline than dense
+                        (the SAE forward table: the unpatched forward's time or extra peak memory).
     """
 
     table: str
@@ -56,6 +58,7 @@ class Measurement:
     vs_dense: float | None = None
     max_abs_diff: float | None = None
     spread: float | None = None
+    of_baseline: float | None = None
     status: str = OK
     note: str = ""
 
@@ -138,7 +141,7 @@ def _runner(path: BenchPath, mode: str, problem: Problem) -> Callable[[], torch.
     return lambda: full(acts, W, b)
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= 300 else text[:297] + "..."
 
@@ -146,7 +149,7 @@ def _error_text(exc: BaseException) -> str:
 DENSE_KEY = "\0".join((DENSE, FULL))
 
 
-def _guard(name: str, fn: Callable[[], object], failures: dict[str, str]) -> Callable[[], object]:
+def guard(name: str, fn: Callable[[], object], failures: dict[str, str]) -> Callable[[], object]:
     """``fn`` that records its first exception in ``failures`` and is a no-op from then on, so one path
     failing mid-timing (out of memory, say) does not lose the other paths' measurements."""
 
@@ -156,7 +159,7 @@ def _guard(name: str, fn: Callable[[], object], failures: dict[str, str]) -> Cal
         try:
             return fn()
         except Exception as exc:
-            failures[name] = _error_text(exc)
+            failures[name] = error_text(exc)
             return None
 
     return run
@@ -210,7 +213,7 @@ def compare(
                 fn = _runner(path, mode, problem)
                 out = fn()  # first call: compiles, fills caches; checked below, never timed
             except Exception as exc:  # compiler errors, missing kernels, out of memory: reported, not raised
-                rows[key] = replace(row, mode=mode, status=ERROR, note=_error_text(exc))
+                rows[key] = replace(row, mode=mode, status=ERROR, note=error_text(exc))
                 continue
             if dense_out is None and path.name == DENSE:
                 dense_out = out
@@ -225,7 +228,7 @@ def compare(
             rows[key] = replace(row, mode=mode, max_abs_diff=diff)
             runs["\0".join(key)] = fn
     failures: dict[str, str] = {}
-    guarded = {name: _guard(name, fn, failures) for name, fn in runs.items()}
+    guarded = {name: guard(name, fn, failures) for name, fn in runs.items()}
     timings = timer(guarded, _round_ms(guarded, device))
     dense_ms = None if DENSE_KEY in failures else timings.get(DENSE_KEY)
     for name, timing in timings.items():

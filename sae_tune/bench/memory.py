@@ -17,7 +17,10 @@ import torch
 from sae_tune.targets.triton.variant import Variant
 
 CUDA_METHOD = "measured: torch.cuda.max_memory_allocated"
-CPU_METHOD = "measured: torch CPU allocator (profiler memory events; excludes MKL-internal buffers)"
+CPU_METHOD = (
+    "measured: torch CPU allocator (profiler memory events; buffers allocated outside torch, such as "
+    "MKL's internal ones and the C kernels' small scheduling arrays, are not seen)"
+)
 MODEL_METHOD = "model: sizes of the tensors the launchers allocate"
 
 

@@ -1,4 +1,4 @@
-"""Write a run: ``bench.md`` (the seven tables with their notes) and ``bench.csv`` (one row per
+"""Write a run: ``bench.md`` (the eight tables with their notes) and ``bench.csv`` (one row per
 measurement, each stamped with the device and versions)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from sae_tune.bench.forward import DOES_NOT_FIT, FORWARD, UNPATCHED
 from sae_tune.bench.measure import OK, UNAVAILABLE, WRONG, Measurement
 from sae_tune.bench.paths import DENSE, DISPATCHER
 from sae_tune.bench.runner import BenchResult, Stamp
@@ -30,6 +31,7 @@ HEADINGS = {
     SHAPES: "## 5. Real SAE shapes",
     MEMORY: "## 6. Peak memory",
     BANDWIDTH: "## 7. Achieved bandwidth and where dense starts to win",
+    FORWARD: "## 8. SAE forward",
 }
 
 MEASUREMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Measurement))
@@ -300,6 +302,74 @@ def bandwidth_section(result: BenchResult) -> str:
     return _join(head, body, "### Batch sweep", sweep_head, sweep_table, _notes(sweep, extra))
 
 
+def _forward_cell(r: Measurement | None, text: Callable[[float], str]) -> str:
+    """A number of the SAE forward table, or why there is none."""
+    if r is None:
+        return "not timed"
+    if r.ok:
+        return text(r.value)  # type: ignore[arg-type]
+    if r.status == UNAVAILABLE and r.note.startswith(DOES_NOT_FIT):
+        return DOES_NOT_FIT
+    return {WRONG: "WRONG", UNAVAILABLE: "n/a"}.get(r.status, r.status)
+
+
+def forward_section(result: BenchResult) -> str:
+    times = {(r.shape, r.batch, r.path): r for r in _select(result, FORWARD, "ms")}
+    peaks = _select(result, FORWARD, "peak_bytes")
+    table = []
+    for m in peaks:
+        t = times.get((m.shape, m.batch, m.path))
+        table.append(
+            (
+                m.shape,
+                m.batch,
+                f"{m.l0_mean:g} / {m.l0_max}" if m.l0_mean is not None else "-",
+                m.path,
+                _forward_cell(t, fmt_ms),
+                fmt_x(t.of_baseline) if t is not None and t.ok else "-",
+                _forward_cell(m, lambda v: f"{v / 1e6:.0f}" if v >= 10e6 else f"{v / 1e6:.2g}"),
+                fmt_x(m.of_baseline) if m.ok else "-",
+                fmt_diff(m.max_abs_diff),
+                status_cell(m if m.status != OK or t is None else t),
+            )
+        )
+    head = (
+        "A SAELens JumpReLU SAE built from its config (random weights, threshold firing about the SAE's L0 "
+        f"per N(0, 1) token), N(0, 1) input, {result.stamp.dtype}, under torch.no_grad(). Modes: "
+        f"{UNPATCHED} = SAELens's own forward; decode-only = SAELens's forward with only the decoder "
+        "matmul routed through the dispatcher (what a forward with an activation hook gets); sparse = the "
+        "patched forward: sparse_encode -> SparseActs -> decode, no dense (B, F) activations. time: median "
+        "of the modes timed interleaved in one run. extra peak: MB (10^6 bytes) allocated during one "
+        "forward beyond its inputs (output and temporaries). x unpatched: this / unpatched (below 1 is "
+        "better). check: the output against the exact (fp64) decode of SAELens's own activations, within "
+        "the dtype's tolerance; a wrong mode is neither measured nor timed."
+    )
+    body = markdown_table(
+        (
+            "SAE",
+            "B",
+            "L0 mean / max",
+            "mode",
+            "time (ms)",
+            "x unpatched",
+            "extra peak (MB)",
+            "x unpatched",
+            "max abs diff vs unpatched",
+            "check",
+        ),
+        table,
+    )
+    methods = sorted({r.note for r in peaks if r.ok})
+    problems: dict[str, None] = {}
+    for r in [*peaks, *times.values()]:
+        if r.status != OK:
+            problems.setdefault(f"- {r.shape} B={r.batch} {r.path}: {status_cell_text(r.status)}: {r.note}")
+    notes = [f"- extra peak memory {m}" for m in methods]
+    untimed = sorted({r.shape for r in peaks if (r.shape, r.batch, r.path) not in times})
+    notes += [f"- {s}: extra peak memory only (not timed: minutes per forward)" for s in untimed]
+    return _join(head, body, "\n".join([*notes, *problems]))
+
+
 SECTIONS: dict[str, Callable[[BenchResult], str]] = {
     SUMMARY: summary_section,
     SPLIT: split_section,
@@ -308,6 +378,7 @@ SECTIONS: dict[str, Callable[[BenchResult], str]] = {
     SHAPES: shapes_section,
     MEMORY: memory_section,
     BANDWIDTH: bandwidth_section,
+    FORWARD: forward_section,
 }
 
 

@@ -1,8 +1,9 @@
-"""What each of the seven tables measures. Every function takes the run's context and returns its rows.
+"""What each of the eight tables measures. Every function takes the run's context and returns its rows.
 
 Tables: 1 summary at the reference shape; 2 kernel only (sparse structure prepared before) vs the full
 pipeline; 3 L0 sweep; 4 width sweep; 5 real SAE shapes; 6 peak memory; 7 achieved bandwidth against the
-device's copy bandwidth, and a batch sweep for where dense starts to win.
+device's copy bandwidth, and a batch sweep for where dense starts to win; 8 the whole SAELens SAE forward
+(``bench.forward``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from sae_tune.bench.bandwidth import copy_bandwidth, model_bytes
 from sae_tune.bench.config import BenchConfig
+from sae_tune.bench.forward import FORWARD, sae_forward
 from sae_tune.bench.measure import (
     ERROR,
     FULL,
@@ -49,7 +51,7 @@ SHAPES = "real_shapes"
 MEMORY = "peak_memory"
 BANDWIDTH = "bandwidth"
 BATCH_SWEEP = "batch_sweep"
-TABLES = (SUMMARY, SPLIT, L0_SWEEP, WIDTH_SWEEP, SHAPES, MEMORY, BANDWIDTH, BATCH_SWEEP)
+TABLES = (SUMMARY, SPLIT, L0_SWEEP, WIDTH_SWEEP, SHAPES, MEMORY, BANDWIDTH, BATCH_SWEEP, FORWARD)
 
 
 @dataclass(frozen=True)
@@ -283,4 +285,5 @@ RUNNERS: dict[str, Callable[[BenchContext], list[Measurement]]] = {
     SHAPES: real_shapes,
     MEMORY: peak_memory,
     BANDWIDTH: bandwidth_and_batch,  # also writes the batch sweep rows
+    FORWARD: sae_forward,
 }

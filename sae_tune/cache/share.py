@@ -125,9 +125,11 @@ def export_records(store: Store, device_name: str | None = None) -> dict[str, An
     ``NoSuchDevice`` listing the known names, so a typo never writes an empty file.
     """
     if device_name is None:
-        winners = store.winners()
+        winners = store.winners(op=None)
     else:
-        winners = [rec for name in matching_devices(store, device_name) for rec in store.winners(name)]
+        winners = [
+            rec for name in matching_devices(store, device_name) for rec in store.winners(name, op=None)
+        ]
     payload = {
         "schema": SCHEMA,
         "version": VERSION,

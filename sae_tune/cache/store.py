@@ -38,14 +38,18 @@ from sqlite_utils import Database
 from sqlite_utils.db import Table
 
 from sae_tune.paths import user_cache_dir
-from sae_tune.targets import IMPLS, ConfigFieldError, target_of
+from sae_tune.targets import IMPLS, TARGETS, ConfigFieldError, Target, target_of
 
 SCHEMA_NAME = "sae-tune-cache"
 SCHEMA_VERSION = 2  # 2: "spread" on trials, baselines and winners; "origin" on winners
 ENV_CACHE = "SAE_TUNE_CACHE"
 DEFAULT_FILE_NAME = "cache.sqlite"
 
-OPS = ("decode",)
+# "decode": sparse_decode. "encode": sparse_encode of a ReLU or JumpReLU SAE (one code path, whose cost no
+# L0 known before encoding changes: l0_bucket is 0, "any"). "encode_topk": sparse_encode of a TopK SAE (a
+# running top-k, whose cost grows with k: l0_bucket is the bucket of k, the L0 its activations have).
+OPS = ("decode", "encode", "encode_topk")
+ENCODE_OPS = ("encode", "encode_topk")
 DTYPES = ("float32", "float16", "bfloat16")
 SOURCES = ("measured", "imported", "shipped")
 TABLES = ("meta", "trials", "winners", "baselines")
@@ -116,6 +120,11 @@ def batch_bucket(b: int) -> int:
     if type(b) is not int or b < 1:
         raise ValueError(f"batch size must be a positive int, got {_show(b)}")
     return next_pow2(b)
+
+
+def encode_l0_bucket(k: int | None, F: int) -> int:
+    """The L0 bucket of an encode key: 0 ("any") for ReLU/JumpReLU, the bucket of k (at most F's) for TopK."""
+    return 0 if k is None else min(next_pow2(k), next_pow2(F))
 
 
 def l0_bucket(l0: float) -> int:
@@ -249,29 +258,49 @@ def check_key_field(name: str, value: Any) -> Any:
     if name == "batch_bucket":
         return _int(name, value, 1, MAX_BATCH_BUCKET, pow2=True)
     if name == "l0_bucket":
+        if type(value) is int and value == 0:
+            return value  # an encode key's "any L0" (checked against the op by CacheKey)
         return _int(name, value, 1, MAX_F, pow2=True)
     raise FieldError(name, "is not a cache key field")
 
 
-def check_impl(value: Any) -> str:
-    if type(value) is not str or value not in IMPLS:
-        raise FieldError("impl", f"must be one of {list(IMPLS)}, got {_show(value)}")
+def encode_impls() -> tuple[str, ...]:
+    """Implementation names of the encode ops, over every target."""
+    return tuple(impl for t in TARGETS for impl in t.encode_impls)
+
+
+def encode_owner(impl: str) -> Target | None:
+    """The target that owns encode implementation ``impl``, or None."""
+    return next((t for t in TARGETS if impl in t.encode_impls), None)
+
+
+def check_impl(value: Any, op: str = "decode") -> str:
+    """An implementation name known for ``op`` (decode and encode implementations are separate names)."""
+    known = encode_impls() if op in ENCODE_OPS else IMPLS
+    if type(value) is not str or value not in known:
+        raise FieldError("impl", f"must be one of {list(known)} for op {op!r}, got {_show(value)}")
     return value
 
 
-def validate_config(impl: str, config: Any) -> dict[str, Any]:
-    """Check a candidate's config and return its canonical form.
+def validate_config(impl: str, config: Any, op: str = "decode") -> dict[str, Any]:
+    """Check a candidate's config for ``op`` and return its canonical form.
 
-    The config is parsed by the target that owns ``impl`` through its typed variant (``Target.parse``),
-    so a config can only ever name a known kernel variant or a library path's int parameters: nothing a
-    template or ``eval`` could misuse.
+    The config is parsed by the target that owns ``impl`` through its typed variant (``Target.parse``, or
+    ``Target.encode_parse`` for the encode ops), so a config can only ever name a known kernel variant or
+    a library path's int parameters: nothing a template or ``eval`` could misuse.
     """
-    check_impl(impl)
+    check_impl(impl, op)
     if type(config) is not dict:
         raise FieldError("config", f"must be an object, got {type(config).__name__} {_show(config)}")
-    target = target_of(impl)
+    if op in ENCODE_OPS:
+        target = encode_owner(impl)
+        assert target is not None  # check_impl knows it
+        parse = target.encode_parse
+    else:
+        target = target_of(impl)
+        parse = target.parse
     try:
-        return target.parse(impl, config)
+        return parse(impl, config)
     except ConfigFieldError as exc:
         raise FieldError(f"config.{exc.field}", str(exc)) from None
     except (TypeError, ValueError) as exc:
@@ -307,7 +336,8 @@ class CacheKey:
 
     capability is None on CPU, where ``device_name`` is the CPU model with its generation and vector
     extensions (``device.cpu_key_name``). ``batch_bucket`` and ``l0_bucket``
-    are powers of two (see ``batch_bucket()`` / ``l0_bucket()``).
+    are powers of two (see ``batch_bucket()`` / ``l0_bucket()``), except an "encode" key's ``l0_bucket``,
+    which is 0 ("any": no L0 is known before encoding; ``encode_l0_bucket()``).
     """
 
     device_name: str
@@ -327,6 +357,10 @@ class CacheKey:
             check_key_field(name, getattr(self, name))
         if self.l0_bucket > next_pow2(self.F):
             raise FieldError("l0_bucket", f"{self.l0_bucket} exceeds the width F={self.F}")
+        if self.op == "encode" and self.l0_bucket != 0:
+            raise FieldError("l0_bucket", f"must be 0 (any L0) for op 'encode', got {self.l0_bucket}")
+        if self.op != "encode" and self.l0_bucket == 0:
+            raise FieldError("l0_bucket", f"0 (any L0) is for op 'encode' only, not {self.op!r}")
 
     @property
     def id(self) -> str:
@@ -377,6 +411,25 @@ class CacheKey:
             D=D,
             batch_bucket=batch_bucket(batch_size),
             l0_bucket=min(l0_bucket(mean_l0), next_pow2(F)),
+        )
+
+    @classmethod
+    def for_encode(
+        cls, info: Any, *, template_hash: str, dtype: Any, F: int, D: int, batch_size: int, k: int | None
+    ) -> CacheKey:
+        """Key of an encode (op "encode", or "encode_topk" when ``k`` is given) of ``batch_size`` tokens."""
+        return cls(
+            device_name=info.name,
+            capability=info.capability,
+            torch_version=info.torch_version,
+            triton_version=info.triton_version,
+            template_hash=template_hash,
+            op="encode" if k is None else "encode_topk",
+            dtype=str(dtype).removeprefix("torch."),
+            F=F,
+            D=D,
+            batch_bucket=batch_bucket(batch_size),
+            l0_bucket=encode_l0_bucket(k, F),
         )
 
 
@@ -463,13 +516,15 @@ class MergeResult:
 
 def check_winner(key: CacheKey, impl: str, config: Any, ms: Any, dense_ms: Any) -> dict[str, Any]:
     """Validate a would-be winner; returns the canonical config."""
-    check_impl(impl)
+    check_impl(impl, key.op)
     kind = "cpu" if key.is_cpu else "cuda"
-    if kind not in target_of(impl).timed_kinds:
+    owner = encode_owner(impl) if key.op in ENCODE_OPS else target_of(impl)
+    assert owner is not None  # check_impl knows it
+    if kind not in owner.timed_kinds:
         raise FieldError(
             "impl", f"a {impl} time on a {kind} key is an interpreter time or none at all, never a speed"
         )
-    canonical = validate_config(impl, config)
+    canonical = validate_config(impl, config, key.op)
     check_ms("ms", ms)
     check_ms("dense_ms", dense_ms, optional=True)
     return canonical
@@ -979,7 +1034,7 @@ class Store:
         ``spread`` is the relative interquartile range of the timing samples (None: unknown).
         Returns the trial's row id.
         """
-        canonical = validate_config(impl, dict(config))
+        canonical = validate_config(impl, dict(config), key.op)
         check_ms("ms", ms, optional=not ok)
         check_spread("spread", spread)
         if study is not None:
@@ -1012,7 +1067,7 @@ class Store:
         spread: float | None = None,
     ) -> None:
         """Store the latest time of a reference path (e.g. dense) for ``key``; replaces the previous one."""
-        canonical = validate_config(impl, dict(config or {}))
+        canonical = validate_config(impl, dict(config or {}), key.op)
         check_ms("ms", ms)
         check_spread("spread", spread)
         row = {
@@ -1170,15 +1225,34 @@ class Store:
         except FieldError as exc:
             raise CacheError(f"sae-tune cache {self.path}: invalid row in {table}: {exc}") from None
 
-    def winners(self, device_name: str | None = None) -> list[WinnerRecord]:
-        """Every winner (optionally of one device), ordered by device, dtype, shape and buckets."""
-        where, args = ("device_name = ?", [device_name]) if device_name is not None else (None, [])
+    def winners(self, device_name: str | None = None, *, op: str | None = "decode") -> list[WinnerRecord]:
+        """Every winner of ``op`` (None: of every op; by default the decodes', what every caller before
+        encode tuning meant), optionally of one device, ordered by device, dtype, shape and buckets."""
+        clauses, args = [], []
+        if device_name is not None:
+            clauses.append("device_name = ?")
+            args.append(device_name)
+        if op is not None:
+            check_key_field("op", op)
+            clauses.append("op = ?")
+            args.append(op)
+        where = " AND ".join(clauses) or None
         order = "device_name, dtype, F, D, batch_bucket, l0_bucket, key_id"
         return [self._winner(row) for row in self._rows("winners", where, args, order)]
 
-    def trials(self, key: CacheKey | None = None) -> list[TrialRecord]:
-        """Every recorded trial (optionally of one key), oldest first."""
-        where, args = ("key_id = ?", [key.id]) if key is not None else (None, [])
+    @staticmethod
+    def _where(key: CacheKey | None, op: str | None) -> tuple[str | None, list[Any]]:
+        """Rows of ``key``, else of ``op`` (None: every op)."""
+        if key is not None:
+            return "key_id = ?", [key.id]
+        if op is not None:
+            return "op = ?", [check_key_field("op", op)]
+        return None, []
+
+    def trials(self, key: CacheKey | None = None, *, op: str | None = "decode") -> list[TrialRecord]:
+        """Every recorded trial of ``key``, else of ``op`` (None: every op; by default the decodes'),
+        oldest first."""
+        where, args = self._where(key, op)
         out = []
         for row in self._rows("trials", where, args, "id"):
             row_key, prov = self._decode("trials", row)
@@ -1199,8 +1273,9 @@ class Store:
             )
         return out
 
-    def baselines(self, key: CacheKey | None = None) -> list[BaselineRecord]:
-        where, args = ("key_id = ?", [key.id]) if key is not None else (None, [])
+    def baselines(self, key: CacheKey | None = None, *, op: str | None = "decode") -> list[BaselineRecord]:
+        """The baselines of ``key``, else of ``op`` (None: every op; by default the decodes')."""
+        where, args = self._where(key, op)
         out = []
         for row in self._rows("baselines", where, args, "key_id, impl"):
             row_key, prov = self._decode("baselines", row)

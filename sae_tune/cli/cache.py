@@ -50,12 +50,12 @@ def cache_group() -> None:
 @cache_option
 @click.option("--json", "as_json", is_flag=True)
 def show(cache: str | None, as_json: bool) -> None:
-    """Counts, and the winner of every key (time ± relative spread of its samples)."""
+    """Counts, and the winner of every key, decode and encode (time ± relative spread of its samples)."""
     from tabulate import tabulate
 
     with open_store(cache, write=False) as store:
         summary = store.summary()
-        winners = store.winners()
+        winners = store.winners(op=None)
     if as_json:
         summary["winners_list"] = [
             {
@@ -79,6 +79,7 @@ def show(cache: str | None, as_json: bool) -> None:
     rows = [
         (
             w.key.device_name,
+            w.key.op,
             w.key.dtype,
             w.key.F,
             w.key.D,
@@ -95,6 +96,7 @@ def show(cache: str | None, as_json: bool) -> None:
     if rows:
         headers = (
             "device",
+            "op",
             "dtype",
             "F",
             "D",

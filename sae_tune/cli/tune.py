@@ -1,4 +1,9 @@
-"""The main job: ``sae-tune --sae NAME`` tunes one SAE shape on the local device and prints a table."""
+"""The main job: ``sae-tune --sae NAME`` tunes one SAE shape on the local device and prints a table.
+
+Besides the decode, the job tunes ``sparse_encode`` for the shape at the same batch sizes (the chunk size,
+and any other target's encode candidates; ``sae_tune.autotune.encode_search``): a few candidates, timed
+within a second or two per batch size on CPU.
+"""
 
 from __future__ import annotations
 
@@ -226,6 +231,7 @@ def run_tune(
                 spec, dev, dtype, store, acts, seed, study_storage, retune, sizes, trials, time_budget,
                 as_json, show_bar, phase,
             )  # fmt: skip
+            encoded = _tune_encode(spec, tuner, store, sizes, seed, retune, phase)
     except (CacheError, sqlite3.Error) as exc:
         raise _cache_error(cache, exc) from exc
     except WorkloadTooLarge as exc:
@@ -250,11 +256,71 @@ def run_tune(
             "retune": retune,
             "seconds": round(time.perf_counter() - started, 1),
             "results": [r.to_json() for r in results],
+            "encode": [r.to_json() for r in encoded],
         }
         click.echo(json.dumps(payload, indent=1))
     else:
         click.echo(format_table(results))
         click.echo("ms: median wall-clock time per decode, re-timed interleaved with dense in one run.")
+        if encoded:
+            click.echo(format_encode_table(encoded))
+            click.echo("encode ms: median time of sparse_encode's candidates, timed interleaved in one run.")
+
+
+def activation_for(spec: Any) -> str:
+    """The encode activation of a spec: "topk" when it has k, "jumprelu" for JumpReLU, else "relu"."""
+    from sae_tune.autotune.encode_search import activation_of
+
+    return activation_of(spec.arch, spec.k)
+
+
+def _tune_encode(spec, tuner, store, sizes, seed, retune, phase) -> list:
+    """Tune ``sparse_encode`` for the SAE's shape at each batch size (with the decoder's W_dec as W_enc's
+    values); a failure is reported on stderr and leaves the decode results as they are."""
+    from sae_tune.autotune.encode_search import describe, tune_encode
+
+    activation = activation_for(spec)
+    started = time.perf_counter()
+    try:
+        W_enc = tuner.W_dec.T.contiguous()
+    except (RuntimeError, MemoryError) as exc:
+        click.echo(f"note: encode not tuned (W_enc does not fit on {tuner.device}: {exc})", err=True)
+        return []
+    forgotten: set = set() if retune else None  # type: ignore[assignment]
+    out = []
+    for b in sizes:
+        try:
+            result = tune_encode(
+                store, W_enc, batch_size=b, activation=activation, k=spec.k, l0=float(spec.l0),
+                info=tuner.info, seed=seed, forgotten=forgotten,
+            )  # fmt: skip
+        except (RuntimeError, MemoryError) as exc:  # out of memory for this batch size's encode
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            click.echo(f"note: encode not tuned for batch size {b}: {first}", err=True)
+            continue
+        phase(describe(result))
+        out.append(result)
+    phase(f"encode ({activation}) tuned in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def format_encode_table(results) -> str:
+    from tabulate import tabulate
+
+    rows = [
+        (
+            r.batch_size,
+            r.key.op,
+            r.best.label,
+            f"{r.best_ms:.3f}",
+            "-" if r.default_ms is None else f"{r.default_ms:.3f}",
+            _ratio(None if r.default_ms is None else r.default_ms / r.best_ms),
+            f"{len(r.times)} ({len(r.failed)} failed)",
+        )
+        for r in results
+    ]
+    headers = ("batch", "op", "encode winner", "ms", "default ms", "vs default", "candidates")
+    return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def _tune_sizes(

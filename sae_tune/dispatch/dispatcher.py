@@ -483,11 +483,14 @@ def get_dispatcher() -> Dispatcher:
 def reload(
     cache: str | os.PathLike[str] | None = None, *, shipped_dir: str | os.PathLike[str] | None = None
 ) -> Dispatcher:
-    """Forget every decision and re-read the cache (and shipped configs) on the next decode.
+    """Forget every decision and re-read the cache (and shipped configs) on the next decode (and encode).
 
     Call it after tuning in the same process, or to point dispatch at another cache file.
     """
     global _default
+    from sae_tune.dispatch.encode_choice import reload_encode
+
+    reload_encode(cache, shipped_dir=shipped_dir)  # the encode choices read the same cache
     with _default_lock:
         _default = Dispatcher(cache, shipped_dir=shipped_dir)
     return _default

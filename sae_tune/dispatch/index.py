@@ -136,7 +136,7 @@ def check_injected(records: Iterable[WinnerRecord]) -> list[WinnerRecord]:
     for rec in records:
         if not isinstance(rec, WinnerRecord):
             raise TypeError(f"expected WinnerRecord, got {type(rec).__name__}")
-        out.append(dataclasses.replace(rec, config=validate_config(rec.impl, dict(rec.config))))
+        out.append(dataclasses.replace(rec, config=validate_config(rec.impl, dict(rec.config), rec.key.op)))
     return out
 
 
@@ -162,9 +162,11 @@ class CacheIndex:
         self._local: dict[tuple[Any, ...], list[WinnerRecord]] = defaultdict(list)
         self._shipped: dict[tuple[Any, ...], list[WinnerRecord]] = defaultdict(list)
         for rec in local:
-            self._local[_shape_key(rec.key)].append(rec)
+            if rec.key.op == "decode":  # encode winners are the encode chooser's (encode_choice.py)
+                self._local[_shape_key(rec.key)].append(rec)
         for rec in shipped:
-            self._shipped[_shape_key(rec.key)].append(rec)
+            if rec.key.op == "decode":
+                self._shipped[_shape_key(rec.key)].append(rec)
 
     def __len__(self) -> int:
         return sum(map(len, self._local.values())) + sum(map(len, self._shipped.values()))

@@ -1,4 +1,4 @@
-"""The target contract: one face for every way sae-tune can run a decode.
+"""The target contract: one face for every way sae-tune can run a decode (and, optionally, an encode).
 
 A target owns one or more implementation names (what the cache stores as ``impl``) and turns a config
 (a JSON object from the cache, an imported file or the tuner) into running code. The tuner, the cache's
@@ -8,6 +8,10 @@ only these members; nothing outside a target's own package names it as a special
 A config reaches code only through ``parse``, which builds the target's frozen, validated variant type, so
 a value read from a file can never put anything into a template that is not one of the target's known
 words or numbers.
+
+The encode members (``encode_impls`` ... ``encode``) are the same contract for ``sparse_encode``: their
+implementation names are stored under the cache's encode ops, their configs reach code only through
+``encode_parse``, and the defaults here say "no encode code", so a target without one needs nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ if TYPE_CHECKING:
     from sae_tune.inputs import DecodeInputs
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+#: an encode's result: CSR ``offsets`` int64 (B+1), ``indices`` int64 (nnz,) ascending within each token,
+#: ``values`` (nnz,) in x's dtype: the non-zeros SAELens's ``encode`` gives, none dropped
+EncodeResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+#: the encode activations a target may be asked for
+ENCODE_ACTIVATIONS = ("relu", "jumprelu", "topk")
 
 
 class ConfigFieldError(ValueError):
@@ -92,6 +103,37 @@ class ModelProblem:
     @property
     def out_bytes(self) -> int:
         return self.n_tokens * self.D * self.itemsize
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    """What a tuning job or one call asks an encode for: the shape, dtype, device and activation.
+
+    Candidates and gates depend on these facts only (never on the tensors), so a request is a cache key's
+    worth of information: ``n_tokens`` is B (rows of x after flattening), ``activation`` is "relu"
+    (standard SAE), "jumprelu" or "topk", and ``k`` is set iff the activation is "topk".
+    """
+
+    n_tokens: int
+    F: int
+    D: int
+    dtype: torch.dtype
+    device: torch.device
+    activation: str
+    k: int | None = None
+
+
+@dataclass(frozen=True)
+class EncodeProblem:
+    """One validated encode, resolved (no neg/conj bits), every tensor of one dtype and on one device:
+    ``x`` (B, D) with contiguous rows, ``W_enc`` (D, F), ``b_enc`` (F,) or None, ``threshold`` (F,) for a
+    JumpReLU SAE (else None) and ``k`` for a TopK SAE (else None). Impls may trust all of this."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor | None
+    threshold: torch.Tensor | None
+    k: int | None
 
 
 class Target(ABC):
@@ -190,3 +232,35 @@ class Target(ABC):
     def source_hash(self) -> str:
         """A hash of the target's templates (part of every cache key); empty for library paths."""
         return ""
+
+    # -- encode (sparse_encode): optional; a target with no encode code keeps these defaults ----------
+
+    #: implementation names this target stores in the cache for the encode ops
+    encode_impls: tuple[str, ...] = ()
+
+    def owns_encode(self, impl: str) -> bool:
+        return impl in self.encode_impls
+
+    def encode_space(self, request: EncodeRequest) -> list[tuple[str, dict[str, Any]]]:
+        """The encode candidates for ``request`` as (impl, config) pairs; the first is this target's
+        default for it; empty where the target cannot run it (the default: no encode code)."""
+        return []
+
+    def encode_parse(self, impl: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The canonical config of encode ``impl`` through the target's frozen typed variant;
+        ``ConfigFieldError(field, reason)`` when a field is invalid (the cache names ``config.<field>``)."""
+        raise ValueError(f"target {getattr(self, 'name', type(self).__name__)!r} has no encode impl {impl!r}")
+
+    def encode_label(self, impl: str, config: Mapping[str, Any]) -> str:
+        """A short readable name of one encode config (for ``explain`` and tables)."""
+        canon = self.encode_parse(impl, config)
+        return impl + "".join(f" {k}={v}" for k, v in canon.items())
+
+    def encode_gate(self, impl: str, config: Mapping[str, Any], request: EncodeRequest) -> str | None:
+        """None when this config can run ``request`` exactly (the same non-zeros, none dropped), else the
+        reason it may not. The default refuses: a target says what it can run."""
+        return f"target {getattr(self, 'name', type(self).__name__)!r} has no encode code"
+
+    def encode(self, impl: str, config: Mapping[str, Any], problem: EncodeProblem) -> EncodeResult:
+        """Run one encode: the (offsets, indices, values) of the problem's non-zeros."""
+        raise ValueError(f"target {getattr(self, 'name', type(self).__name__)!r} has no encode impl {impl!r}")

@@ -28,7 +28,8 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sae_tune.artefacts import private_dir, read_if_matches, sha256_hex, write_atomic
@@ -78,15 +79,29 @@ class Compiler:
         return "-fopenmp" in self.flags
 
 
+# A C entry point's ctypes signature: (argument types, return type).
+Signature = tuple[tuple[type, ...], type]
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+DECODE_ENTRY = "sae_tune_decode"
+DECODE_SIGNATURES: dict[str, Signature] = {
+    DECODE_ENTRY: (
+        (_I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int32),
+        ctypes.c_int,
+    ),
+}
+
+
 @dataclass(frozen=True)
 class CpuKernel:
-    """A loaded kernel: the C entry point and what it was built from."""
+    """A loaded kernel: its C entry points and what it was built from. ``fn`` is the first entry point
+    (the decode's); ``entries`` holds every bound one by name."""
 
     key: str
     fn: ctypes._CFuncPtr
     name: str
     openmp: bool
     lib: ctypes.CDLL
+    entries: Mapping[str, ctypes._CFuncPtr] = field(default_factory=dict)
 
 
 def _trim(text: str) -> str:
@@ -185,7 +200,7 @@ def forget_loaded() -> None:
         _loaded.clear()
 
 
-def _dlopen_verified(data: bytes, key: str, folder: Path) -> CpuKernel:
+def _dlopen_verified(data: bytes, key: str, folder: Path, signatures: Mapping[str, Signature]) -> CpuKernel:
     """Load exactly ``data``: a private copy is written, loaded and unlinked (the mapping stays)."""
     fd, path = tempfile.mkstemp(dir=folder, prefix=".load-", suffix=".so")
     try:
@@ -194,13 +209,16 @@ def _dlopen_verified(data: bytes, key: str, folder: Path) -> CpuKernel:
         lib = ctypes.CDLL(path)
     finally:
         Path(path).unlink(missing_ok=True)
-    fn = lib.sae_tune_decode
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_int32]
-    fn.restype = ctypes.c_int
+    entries = {}
+    for entry, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, entry)
+        fn.argtypes = list(argtypes)
+        fn.restype = restype
+        entries[entry] = fn
     lib.sae_tune_kernel_name.restype = ctypes.c_char_p
     name = lib.sae_tune_kernel_name().decode()
-    return CpuKernel(key, fn, name, bool(lib.sae_tune_openmp()), lib)
+    first = next(iter(entries.values()))
+    return CpuKernel(key, first, name, bool(lib.sae_tune_openmp()), lib, entries)
 
 
 def _cached_bytes(folder: Path, key: str) -> bytes | None:
@@ -225,8 +243,10 @@ def _cached_bytes(folder: Path, key: str) -> bytes | None:
     return data
 
 
-def build_source(source: str) -> CpuKernel:
-    """Compile ``source`` (or take the verified copy on disk) and load it; cached per process."""
+def build_source(source: str, signatures: Mapping[str, Signature] = DECODE_SIGNATURES) -> CpuKernel:
+    """Compile ``source`` (or take the verified copy on disk) and load it, binding the entry points of
+    ``signatures`` (the decode's by default); cached per process. Every source also exports
+    ``sae_tune_kernel_name`` and ``sae_tune_openmp``."""
     cc = compiler()
     if isinstance(cc, str):
         raise CpuBuildError(cc)
@@ -248,7 +268,7 @@ def build_source(source: str) -> CpuKernel:
             write_atomic(folder / f"{key}-{so_sha[:16]}.so", data)
             manifest = {"key": key, "so_sha256": so_sha, "compiler": cc.identity, "flags": list(cc.flags)}
             write_atomic(folder / f"{key}.json", json.dumps(manifest, indent=1).encode())
-        kernel = _dlopen_verified(data, key, folder)
+        kernel = _dlopen_verified(data, key, folder, signatures)
         _loaded[key] = kernel
         return kernel
 

@@ -18,6 +18,7 @@ from sae_tune.targets.templating import environment, folder_hash
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 ENTRY_TEMPLATE = "decode.c.jinja"
+ENCODE_TEMPLATE = "compact.c.jinja"
 
 # dtype -> (short name, C storage type of a value, raw-bits type, |x| mask, to-fp32 function, from-fp32)
 _KINDS: dict[torch.dtype, tuple[str, str, str, str, str, str]] = {
@@ -103,3 +104,21 @@ def render(variant: CpuVariant, dtypes: CpuDtypes | tuple) -> str:
         "out_value": out_value,
     }
     return _env.get_template(ENTRY_TEMPLATE).render(**context)
+
+
+# dtype -> all-exponent-bits mask of its raw bits (Inf and NaN have every exponent bit set)
+_EXP_MASKS = {torch.float32: "0x7f800000u", torch.float16: "0x7c00u", torch.bfloat16: "0x7f80u"}
+
+
+def render_encode(dtype: torch.dtype) -> str:
+    """The C source of the encode's threshold + compaction kernels for pre-activations of ``dtype``."""
+    if dtype not in _KINDS:
+        raise TypeError(f"the CPU encode kernels take float32, float16 or bfloat16, got {dtype}")
+    kind, _, bits_ctype, _, _, _ = _KINDS[dtype]
+    context = {
+        "kind": kind,
+        "bits_ctype": bits_ctype,
+        "exp_mask": _EXP_MASKS[dtype],
+        "to_f32": _ACT_VALUE[dtype],
+    }
+    return _env.get_template(ENCODE_TEMPLATE).render(**context)

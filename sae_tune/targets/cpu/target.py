@@ -13,8 +13,10 @@ from sae_tune.targets.cpu.variant import CpuVariant
 
 if TYPE_CHECKING:
     from sae_tune.inputs import DecodeInputs
+    from sae_tune.targets.base import EncodeProblem, EncodeRequest, EncodeResult
 
 NAME = "cpu"
+ENCODE_IMPL = "cpu-encode"
 
 
 class CpuTarget(Target):
@@ -110,3 +112,46 @@ class CpuTarget(Target):
         from sae_tune.targets.cpu.render import template_hash
 
         return template_hash()
+
+    # -- encode: torch's GEMM per chunk of features, then the C threshold + compaction ------------------
+
+    encode_impls = (ENCODE_IMPL,)
+
+    def _encode_config(self, impl: str, config: Mapping[str, Any]) -> Any:
+        from sae_tune.targets.cpu.encode import CpuEncodeConfig
+
+        if impl != ENCODE_IMPL:
+            raise ValueError(f"the CPU target has no encode impl {impl!r} (it has {ENCODE_IMPL!r})")
+        return CpuEncodeConfig.from_dict(config)
+
+    def encode_space(self, request: EncodeRequest) -> list[tuple[str, dict[str, Any]]]:
+        from sae_tune.targets.cpu import encode as cpu_encode
+
+        if cpu_encode.gate(request) is not None or not self.timed(request.device):
+            return []
+        return [(ENCODE_IMPL, c.to_dict()) for c in cpu_encode.space(request)]
+
+    def encode_parse(self, impl: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        return self._encode_config(impl, config).to_dict()
+
+    def encode_label(self, impl: str, config: Mapping[str, Any]) -> str:
+        try:
+            return f"cpu[{self._encode_config(impl, config).name}]"
+        except (TypeError, ValueError):
+            return f"{impl}{dict(config) if isinstance(config, Mapping) else config!r}"
+
+    def encode_gate(self, impl: str, config: Mapping[str, Any], request: EncodeRequest) -> str | None:
+        from sae_tune.targets.cpu import encode as cpu_encode
+
+        try:
+            self._encode_config(impl, config)
+        except ValueError as exc:
+            field = getattr(exc, "field", None)
+            return f"not a valid {ENCODE_IMPL} config: {f'{field}: ' if field else ''}{exc}"
+        reason = self.available(request.device)
+        return reason if reason is not None else cpu_encode.gate(request)
+
+    def encode(self, impl: str, config: Mapping[str, Any], problem: EncodeProblem) -> EncodeResult:
+        from sae_tune.targets.cpu import encode as cpu_encode
+
+        return cpu_encode.encode(self._encode_config(impl, config), problem)

@@ -1,7 +1,8 @@
-"""The library target: decode paths built from stock torch ops (dense, torch.sparse, embedding_bag).
+"""The library target: decode paths built from stock torch ops (dense, torch.sparse, embedding_bag), and
+``sparse_encode``'s chunked torch encode (``encode.py``).
 
 Always in the race, so that tuning never makes a decode slower than what a user could write in a few
-lines; dense is what the user had.
+lines; dense is what the user had. Its encode's first candidate is what an untuned ``sparse_encode`` runs.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from sae_tune.targets.base import (
     CallFacts,
     ConfigFieldError,
     DecodeFn,
+    EncodeProblem,
+    EncodeRequest,
+    EncodeResult,
     Gated,
     ModelProblem,
     SpaceRequest,
     Target,
 )
+from sae_tune.targets.library import encode as _encode
 from sae_tune.targets.library.paths import TORCH_PATHS
 
 # Token chunks raced for the library paths (0 = the whole batch at once).
@@ -125,3 +130,21 @@ class LibraryTarget(Target):
 
     def build(self, impl: str, config: Mapping[str, Any]) -> DecodeFn:
         return TORCH_PATHS[impl].build(**config)
+
+    # --- encode: sae_tune.encode's chunked torch code; the chunk size is the tuned parameter ----------
+    encode_impls = (_encode.IMPL,)
+
+    def encode_space(self, request: EncodeRequest) -> list[tuple[str, dict[str, Any]]]:
+        return _encode.space(request)
+
+    def encode_parse(self, impl: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        return _encode.parse(impl, config)
+
+    def encode_label(self, impl: str, config: Mapping[str, Any]) -> str:
+        return _encode.label(impl, config)
+
+    def encode_gate(self, impl: str, config: Mapping[str, Any], request: EncodeRequest) -> str | None:
+        return _encode.gate(impl, config, request)
+
+    def encode(self, impl: str, config: Mapping[str, Any], problem: EncodeProblem) -> EncodeResult:
+        return _encode.encode(impl, config, problem)

@@ -14,12 +14,23 @@ from typing import Any
 
 import torch
 
-from sae_tune.targets.base import CallFacts, DecodeFn, Gated, ModelProblem, SpaceRequest, Target
+from sae_tune.targets.base import (
+    CallFacts,
+    DecodeFn,
+    EncodeProblem,
+    EncodeRequest,
+    EncodeResult,
+    Gated,
+    ModelProblem,
+    SpaceRequest,
+    Target,
+)
 from sae_tune.targets.triton.support import triton_unavailable_reason
 from sae_tune.targets.triton.variant import Variant
 
 NAME = "triton"
 MODEL_OPS = 3  # the default (chunked) pipeline: fill, decode, reduce; no host sync (docs/triton-model.md)
+ENCODE_IMPL = "triton-encode"
 
 
 class TritonTarget(Target):
@@ -127,6 +138,62 @@ class TritonTarget(Target):
         from sae_tune.targets.triton.render import template_hash
 
         return template_hash()
+
+    # --- encode: a GEMM whose epilogue thresholds and compacts (encode.py, templates/encode.py.jinja) ---
+    encode_impls = (ENCODE_IMPL,)
+
+    def _encode_impl(self, impl: str) -> None:
+        if impl != ENCODE_IMPL:
+            raise ValueError(f"target {NAME!r} has no encode impl {impl!r}; it has {ENCODE_IMPL!r}")
+
+    def encode_space(self, request: EncodeRequest) -> list[tuple[str, dict[str, Any]]]:
+        """The encode candidates, the default first; only on CUDA (relu and jumprelu; TopK is refused)."""
+        from sae_tune.targets.triton.encode import encode_space
+
+        return [(ENCODE_IMPL, v.to_dict()) for v in encode_space(request)]
+
+    def encode_parse(self, impl: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        from sae_tune.targets.triton.encode import EncodeVariant
+
+        self._encode_impl(impl)
+        return EncodeVariant.from_dict(config).to_dict()
+
+    def encode_label(self, impl: str, config: Mapping[str, Any]) -> str:
+        from sae_tune.targets.triton.encode import EncodeVariant
+
+        try:
+            return f"{ENCODE_IMPL}[{EncodeVariant.from_dict(config).name}]"
+        except (TypeError, ValueError):
+            return f"{ENCODE_IMPL}{dict(config)}"
+
+    def encode_gate(self, impl: str, config: Mapping[str, Any], request: EncodeRequest) -> str | None:
+        """None when the variant runs ``request`` exactly; TopK, other dtypes, no CUDA (outside the
+        interpreter), grids past CUDA's limit and tiles past the GPU's shared memory are refused."""
+        from sae_tune.targets.triton.encode import (
+            EncodeVariant,
+            grid_reason,
+            shared_reason,
+            unsupported_reason,
+        )
+
+        if impl != ENCODE_IMPL:
+            return f"target {NAME!r} has no encode impl {impl!r}"
+        try:
+            variant = EncodeVariant.from_dict(config)
+        except (TypeError, ValueError) as exc:
+            return f"not a valid encode variant: {exc}"
+        return (
+            unsupported_reason(request)
+            or grid_reason(request.n_tokens, request.F, variant)
+            or shared_reason(variant, request.dtype, request.device)
+        )
+
+    def encode(self, impl: str, config: Mapping[str, Any], problem: EncodeProblem) -> EncodeResult:
+        """Run one encode (one host sync: the CSR's size; see ``encode.run_encode``)."""
+        from sae_tune.targets.triton.encode import EncodeVariant, run_encode
+
+        self._encode_impl(impl)
+        return run_encode(problem, EncodeVariant.from_dict(config))
 
 
 def overflow_impossible_or_handled(variant: Variant, topk_k: int | None) -> bool:

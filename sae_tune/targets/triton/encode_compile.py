@@ -1,0 +1,139 @@
+"""Ahead-of-time compilation of the encode kernels for real GPU targets, without a GPU.
+
+Each kernel of an ``EncodeVariant`` is compiled from the arguments ``encode.representative_launches``
+passes (meta tensors), specialised by Triton's own launch rule (``compile_check.specialised``), lowered to
+a cubin by Triton's ptxas, and read back with cuobjdump: registers, spills (local memory), shared memory,
+and from the SASS whether the GEMM runs on tensor cores (``HMMA`` on sm_80/sm_89, ``HGMMA`` or ``HMMA`` on
+sm_90) and whether global loads are 128 bits wide (``LDG.E.128``). fp32 inputs are multiplied in IEEE
+fp32 (never tf32), so their GEMM is FFMA, not MMA: ``mma`` is False for them by design.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from sae_tune.targets.triton.compile_check import (
+    KernelUsage,
+    _cuobjdump_run,
+    parse_arch,
+    resource_usage,
+    sass_facts,
+    specialised,
+)
+from sae_tune.targets.triton.encode import EncodeVariant, load_encode_module, representative_launches
+from sae_tune.targets.triton.launch import Launch
+from sae_tune.targets.triton.support import interpreter_active
+
+# The shape whose launch arguments are specialised when none is given (gemma-2b-l20, as compile-check's)
+DEFAULT_SHAPE = (65536, 2304)
+# Shared memory one block may use (bytes), per architecture: a kernel above it compiles but cannot launch
+SHARED_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
+_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+_LDGSTS128 = re.compile(r"\bLDGSTS\.E\S*\.128\b")
+
+
+def gemm_facts(sass: str) -> dict[str, object]:
+    """Tensor-core instructions in one kernel's SASS (HGMMA: Hopper warpgroup MMA; HMMA) and 128-bit
+    asynchronous global-to-shared copies (``LDGSTS...128``: how the pipelined GEMM loads its tiles)."""
+    found = _MMA.findall(sass)
+    hgmma, hmma = found.count("HGMMA"), found.count("HMMA")
+    kind = "HGMMA" if hgmma else "HMMA" if hmma else None
+    return {
+        "mma": bool(found),
+        "hgmma": hgmma,
+        "hmma": hmma,
+        "mma_kind": kind,
+        "ldgsts128": bool(_LDGSTS128.search(sass)),
+    }
+
+
+@dataclass(frozen=True)
+class EncodeCompileResult:
+    """Compile outcome of one encode variant for one architecture and dtype."""
+
+    variant: str
+    arch: str
+    dtype: str
+    ok: bool
+    kernels: tuple[KernelUsage, ...] = ()
+    error: str | None = None
+
+    @property
+    def spills(self) -> int | None:
+        return sum(k.spills for k in self.kernels) if self.ok else None
+
+    @property
+    def registers(self) -> int | None:
+        return max(k.registers for k in self.kernels) if self.ok else None
+
+    @property
+    def shared(self) -> int | None:
+        return max(k.shared for k in self.kernels) if self.ok else None
+
+    @property
+    def fits(self) -> bool:
+        """Compiled, and every kernel's shared memory within the architecture's per-block limit."""
+        return self.ok and all(k.shared <= SHARED_LIMIT[self.arch] for k in self.kernels)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "variant": self.variant,
+            "arch": self.arch,
+            "dtype": self.dtype,
+            "ok": self.ok,
+            "registers": self.registers,
+            "spills": self.spills,
+            "shared": self.shared,
+            "fits": self.fits,
+            "error": self.error,
+            "kernels": [dict(k.__dict__) for k in self.kernels],
+        }
+
+
+def compile_encode_launch(variant: EncodeVariant, launch: Launch, arch: str) -> KernelUsage:
+    """Compile one encode launch's kernel, specialised for its arguments, for ``arch``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpreter_active():
+        raise RuntimeError(
+            "ahead-of-time compilation needs real Triton kernels: run it without TRITON_INTERPRET"
+        )
+    fn = getattr(load_encode_module(variant), launch.kernel)
+    signature, constexprs, attrs = specialised(fn, launch)
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", parse_arch(arch), 32),
+        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
+    )
+    cubin = compiled.asm["cubin"]
+    registers, spills, shared = resource_usage(cubin)
+    sass = _cuobjdump_run("-sass", cubin)
+    facts = {**sass_facts(sass), **gemm_facts(sass)}
+    return KernelUsage(launch.kernel, registers, spills, max(shared, int(compiled.metadata.shared)), facts)
+
+
+def compile_encode(
+    variant: EncodeVariant,
+    arch: str,
+    dtype: torch.dtype = torch.float16,
+    F: int | None = None,
+    D: int | None = None,
+    activation: str = "jumprelu",
+) -> EncodeCompileResult:
+    """Compile both kernels of ``variant`` as launched for an (F, D) SAE; a failure is reported."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    F = DEFAULT_SHAPE[0] if F is None else F
+    D = DEFAULT_SHAPE[1] if D is None else D
+    try:
+        launches = representative_launches(variant, F, D, dtype, activation=activation)
+        kernels = tuple(compile_encode_launch(variant, launch, arch) for launch in launches)
+    except Exception as exc:  # a compile error is a result of the check, not a crash of it
+        first = " ".join(str(exc).strip().splitlines()[:3])
+        error = f"{type(exc).__name__}: {first}"
+        return EncodeCompileResult(variant.name, arch, dtype_name, False, error=error)
+    return EncodeCompileResult(variant.name, arch, dtype_name, True, kernels)
