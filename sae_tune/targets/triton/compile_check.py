@@ -112,7 +112,7 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def _cuobjdump_run(flag: str, cubin: bytes) -> str:
+def cuobjdump_run(flag: str, cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
@@ -149,7 +149,7 @@ def sass_facts(sass: str) -> dict[str, object]:
 
 def resource_usage(cubin: bytes) -> tuple[int, int, int]:
     """(registers, local bytes, static shared bytes) of a single-kernel cubin, from cuobjdump."""
-    report = _cuobjdump_run("-res-usage", cubin)
+    report = cuobjdump_run("-res-usage", cubin)
     match = _RES_USAGE.search(report)
     if match is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{report}")
@@ -160,8 +160,8 @@ def resource_usage(cubin: bytes) -> tuple[int, int, int]:
 _compiled: dict[tuple, KernelUsage] = {}
 
 
-def compile_launch(variant: Variant, launch: Launch, arch: str) -> KernelUsage:
-    """Compile one launch's kernel, specialised for its arguments, for ``arch``; cached per process."""
+def compiled_cubin(fn: Any, launch: Launch, arch: str) -> tuple[bytes, int]:
+    """(cubin, shared bytes) of kernel ``fn`` compiled for ``arch`` with ``launch``'s specialisation."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -170,21 +170,27 @@ def compile_launch(variant: Variant, launch: Launch, arch: str) -> KernelUsage:
         raise RuntimeError(
             "ahead-of-time compilation needs real Triton kernels: run it without TRITON_INTERPRET"
         )
+    signature, constexprs, attrs = specialised(fn, launch)
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", parse_arch(arch), 32),
+        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
+    )
+    return compiled.asm["cubin"], int(compiled.metadata.shared)
+
+
+def compile_launch(variant: Variant, launch: Launch, arch: str) -> KernelUsage:
+    """Compile one launch's kernel, specialised for its arguments, for ``arch``; cached per process."""
     fn = getattr(module_for(variant), launch.kernel)
     signature, constexprs, attrs = specialised(fn, launch)
     key = (module_digest(variant), launch.kernel, arch, repr(signature), repr(constexprs), repr(attrs))
     key += (launch.num_warps, launch.num_stages)
     if key in _compiled:
         return _compiled[key]
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", parse_arch(arch), 32),
-        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
-    )
-    cubin = compiled.asm["cubin"]
+    cubin, meta_shared = compiled_cubin(fn, launch, arch)
     registers, spills, shared = resource_usage(cubin)
-    sass = sass_facts(_cuobjdump_run("-sass", cubin))
-    usage = KernelUsage(launch.kernel, registers, spills, max(shared, int(compiled.metadata.shared)), sass)
+    sass = sass_facts(cuobjdump_run("-sass", cubin))
+    usage = KernelUsage(launch.kernel, registers, spills, max(shared, meta_shared), sass)
     _compiled[key] = usage
     return usage
 

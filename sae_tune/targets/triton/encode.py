@@ -12,12 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
-import linecache
-import os
 import sys
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -26,14 +22,19 @@ from typing import Any
 import torch
 
 from sae_tune import __version__
-from sae_tune.artefacts import ArtefactReplaced, read_if_matches, sha256_hex, write_atomic
+from sae_tune.artefacts import sha256_hex
 from sae_tune.inputs import KERNEL_DTYPES, dtype_names
-from sae_tune.paths import private_kernel_dir
 from sae_tune.targets.base import ConfigFieldError, EncodeProblem, EncodeRequest, EncodeResult
 from sae_tune.targets.fields import is_pow2
 from sae_tune.targets.templating import environment
 from sae_tune.targets.triton.launch import Launch, device_guard
-from sae_tune.targets.triton.render import TEMPLATE_DIR, _VerifiedSourceLoader, template_hash
+from sae_tune.targets.triton.render import (
+    TEMPLATE_DIR,
+    Rendered,
+    exec_rendered,
+    template_hash,
+    verified_file,
+)
 from sae_tune.targets.triton.support import interpreter_active, triton_unavailable_reason
 
 ENCODE_TEMPLATE = "encode.py.jinja"
@@ -208,15 +209,8 @@ def _digest(params: Mapping[str, int]) -> str:
     return hashlib.sha256(f"{template_hash()}|encode|{key}|{__version__}".encode()).hexdigest()[:24]
 
 
-@dataclass(frozen=True)
-class RenderedEncode:
-    name: str
-    source: str
-    sha256: str
-
-
 @functools.cache
-def rendered_encode(variant: EncodeVariant) -> RenderedEncode:
+def rendered_encode(variant: EncodeVariant) -> Rendered:
     """The generated module of ``variant`` (re-validated: only known ints reach the template)."""
     if not isinstance(variant, EncodeVariant):
         raise TypeError(f"expected an EncodeVariant, got {type(variant).__name__}")
@@ -226,7 +220,7 @@ def rendered_encode(variant: EncodeVariant) -> RenderedEncode:
     source = _env.get_template(ENCODE_TEMPLATE).render(
         **params, version=__version__, template_hash=template_hash()
     )
-    return RenderedEncode(f"sae_tune_encode_{_digest(params)}", source, sha256_hex(source.encode()))
+    return Rendered(f"sae_tune_encode_{_digest(params)}", source, sha256_hex(source.encode()))
 
 
 def render_encode(variant: EncodeVariant) -> str:
@@ -246,28 +240,7 @@ def load_encode_module(variant: EncodeVariant) -> ModuleType:
     loaded = sys.modules.get(kernel.name)
     if loaded is not None and getattr(loaded, "__sae_tune_sha256__", None) == kernel.sha256:
         return loaded
-    path = private_kernel_dir() / f"{kernel.name}.py"
-    if read_if_matches(path, kernel.sha256) is None:
-        if os.path.lexists(path):
-            warnings.warn(
-                f"sae-tune: {path} does not hold the encode module sae-tune renders under that name "
-                "(edited or planted); it was not run and is rewritten",
-                ArtefactReplaced,
-                stacklevel=2,
-            )
-        write_atomic(path, kernel.source.encode())
-    loader = _VerifiedSourceLoader(path, kernel.source)
-    spec = importlib.util.spec_from_loader(kernel.name, loader, origin=str(path))
-    assert spec is not None
-    spec.has_location = True
-    module = importlib.util.module_from_spec(spec)
-    linecache.cache[str(path)] = (len(kernel.source), None, kernel.source.splitlines(True), str(path))
-    sys.modules[kernel.name] = module
-    try:
-        loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(kernel.name, None)
-        raise
+    module = exec_rendered(kernel, verified_file(kernel, "encode module"))
     module.__sae_tune_sha256__ = kernel.sha256  # type: ignore[attr-defined]
     return module
 

@@ -17,15 +17,13 @@ import torch
 
 from sae_tune.targets.triton.compile_check import (
     KernelUsage,
-    _cuobjdump_run,
-    parse_arch,
+    compiled_cubin,
+    cuobjdump_run,
     resource_usage,
     sass_facts,
-    specialised,
 )
 from sae_tune.targets.triton.encode import EncodeVariant, load_encode_module, representative_launches
 from sae_tune.targets.triton.launch import Launch
-from sae_tune.targets.triton.support import interpreter_active
 
 # The shape whose launch arguments are specialised when none is given (gemma-2b-l20, as compile-check's)
 DEFAULT_SHAPE = (65536, 2304)
@@ -95,26 +93,11 @@ class EncodeCompileResult:
 
 def compile_encode_launch(variant: EncodeVariant, launch: Launch, arch: str) -> KernelUsage:
     """Compile one encode launch's kernel, specialised for its arguments, for ``arch``."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if interpreter_active():
-        raise RuntimeError(
-            "ahead-of-time compilation needs real Triton kernels: run it without TRITON_INTERPRET"
-        )
-    fn = getattr(load_encode_module(variant), launch.kernel)
-    signature, constexprs, attrs = specialised(fn, launch)
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", parse_arch(arch), 32),
-        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
-    )
-    cubin = compiled.asm["cubin"]
+    cubin, meta_shared = compiled_cubin(getattr(load_encode_module(variant), launch.kernel), launch, arch)
     registers, spills, shared = resource_usage(cubin)
-    sass = _cuobjdump_run("-sass", cubin)
+    sass = cuobjdump_run("-sass", cubin)
     facts = {**sass_facts(sass), **gemm_facts(sass)}
-    return KernelUsage(launch.kernel, registers, spills, max(shared, int(compiled.metadata.shared)), facts)
+    return KernelUsage(launch.kernel, registers, spills, max(shared, meta_shared), facts)
 
 
 def compile_encode(

@@ -112,24 +112,28 @@ def module_path(variant: Variant) -> Path:
     return kernel_dir() / f"sae_tune_kernel_{module_digest(variant)}.py"
 
 
-def _verified_file(variant: Variant) -> tuple[Path, Rendered]:
-    """The module's file in the private kernel folder, holding exactly what the template renders.
+def verified_file(kernel: Rendered, what: str = "kernel module") -> Path:
+    """``kernel``'s file in the private kernel folder, holding exactly what the template renders.
 
     A file under the module's name with other content (edited, truncated, planted) is never used: it is
     written anew, with a warning naming it.
     """
-    kernel = rendered(variant)
     path = private_kernel_dir() / kernel.file_name
     if read_if_matches(path, kernel.sha256) is None:
         if os.path.lexists(path):
             warnings.warn(
-                f"sae-tune: {path} does not hold the kernel module sae-tune renders under that name "
+                f"sae-tune: {path} does not hold the {what} sae-tune renders under that name "
                 "(edited or planted); it was not run and is rewritten",
                 ArtefactReplaced,
                 stacklevel=3,
             )
         write_atomic(path, kernel.source.encode())
-    return path, kernel
+    return path
+
+
+def _verified_file(variant: Variant) -> tuple[Path, Rendered]:
+    kernel = rendered(variant)
+    return verified_file(kernel), kernel
 
 
 def write_module(variant: Variant) -> Path:
@@ -158,30 +162,33 @@ class _VerifiedSourceLoader(importlib.abc.InspectLoader):
 _loaded: dict[str, ModuleType] = {}
 
 
-def load_module(variant: Variant) -> ModuleType:
-    """Import the generated module of ``variant`` (rendered, checked and written on first use).
+def exec_rendered(kernel: Rendered, path: Path) -> ModuleType:
+    """Execute ``kernel`` as a module from its rendered text (checked against its hash when ``path`` was
+    written), not by reading the file again: the same text is put in ``linecache`` under the file's name,
+    and Triton reads a kernel's source through ``inspect``, so what it compiles is what was checked even
+    if the file changes afterwards."""
+    loader = _VerifiedSourceLoader(path, kernel.source)
+    spec = importlib.util.spec_from_loader(kernel.name, loader, origin=str(path))
+    assert spec is not None
+    spec.has_location = True  # sets __file__: tracebacks and Triton's messages name the file
+    module = importlib.util.module_from_spec(spec)
+    # mtime None: linecache.checkcache keeps the entry instead of re-reading the file from disk
+    linecache.cache[str(path)] = (len(kernel.source), None, kernel.source.splitlines(True), str(path))
+    sys.modules[kernel.name] = module  # Triton reads the kernels' source through the module
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(kernel.name, None)
+        raise
+    return module
 
-    The module is executed from the rendered text, not by reading the file again after the check, and
-    the same text is put in ``linecache`` under the file's name: Triton reads a kernel's source through
-    ``inspect``, so what it compiles is what was checked even if the file changes afterwards.
-    """
+
+def load_module(variant: Variant) -> ModuleType:
+    """Import the generated module of ``variant`` (rendered, checked and written on first use)."""
     kernel = rendered(variant)
     loaded = _loaded.get(kernel.name)
     if loaded is not None:
         return loaded
     path, kernel = _verified_file(variant)
-    loader = _VerifiedSourceLoader(path, kernel.source)
-    spec = importlib.util.spec_from_loader(kernel.name, loader, origin=str(path))
-    assert spec is not None
-    spec.has_location = True  # sets __file__: tracebacks and Triton's messages name the file
-    loaded = importlib.util.module_from_spec(spec)
-    # mtime None: linecache.checkcache keeps the entry instead of re-reading the file from disk
-    linecache.cache[str(path)] = (len(kernel.source), None, kernel.source.splitlines(True), str(path))
-    sys.modules[kernel.name] = loaded  # Triton reads the kernels' source through the module
-    try:
-        loader.exec_module(loaded)
-    except BaseException:
-        sys.modules.pop(kernel.name, None)
-        raise
-    _loaded[kernel.name] = loaded
+    loaded = _loaded[kernel.name] = exec_rendered(kernel, path)
     return loaded
