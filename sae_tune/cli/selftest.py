@@ -2,8 +2,10 @@
 
 It checks every family of the Triton default space against an fp64 reference on the local device (the
 interpreter on CPU, a short subset unless --full), runs the edge cases (empty tokens, a token with every
-feature fired, chunks and tokens far above any cap), runs a quick tune and prints its summary against
-the dense product, then one verdict. Timings on CPU or under the interpreter are never speed.
+feature fired, chunks and tokens far above any cap), checks every target's encode on the device (and the
+Triton encode, in the interpreter on CPU) against the exact non-zeros, runs a quick tune and prints its
+summary against the dense product, then one verdict. Timings on CPU or under the interpreter are never
+speed.
 """
 
 from __future__ import annotations
@@ -91,6 +93,97 @@ def run_case(case: Case, device: torch.device) -> str | None:
     tol = TOLERANCE[case.dtype] * scale + torch.finfo(case.dtype).tiny
     excess = ((out - ref).abs() - tol).max().item()
     return None if excess <= 0 else f"error exceeds the tolerance by {excess:.3g}"
+
+
+@dataclass(frozen=True)
+class EncodeCase:
+    """One encode check: a target's impl and config for a dtype and activation."""
+
+    target: object  # sae_tune.targets.base.Target
+    impl: str
+    config: dict
+    dtype: torch.dtype
+    activation: str
+
+    @property
+    def label(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"encode {self.target.encode_label(self.impl, self.config)} {dtype} {self.activation}"  # type: ignore[attr-defined]
+
+
+def encode_inputs(
+    dtype: torch.dtype, activation: str, device: torch.device, B: int = 6, F: int = 300, D: int = 32
+):
+    """An encode problem whose pre-activations are exact in every dtype and every summation order
+    (multiples of 1/8 below 32) and never equal a cut (thresholds at odd multiples of 1/16): every correct
+    encode gives the same non-zeros and values, bit for bit. Token 1 fires every feature, token 2 none.
+    Returns the problem and the exact pre-activations and cut (fp64, on CPU)."""
+    from sae_tune.targets.base import EncodeProblem
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(-1, 2, (B, D), generator=gen).double()
+    W = torch.randint(-2, 3, (D, F), generator=gen).double() / 8
+    x[:, 0], W[0] = 0.0, 1.0
+    x[1, 0], x[2, 0] = 16.0, -16.0
+    b = torch.randint(-4, 5, (F,), generator=gen).double() / 8
+    thr = None
+    cut = torch.zeros(F, dtype=torch.float64)
+    if activation == "jumprelu":
+        thr = torch.randint(0, 8, (F,), generator=gen).double() / 8 + 1 / 16
+        thr[::7] = -1 / 16  # a negative threshold: the cut is max(threshold, 0)
+        cut = thr.clamp_min(0)
+    pre = x @ W + b
+
+    def put(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, dtype)
+
+    return EncodeProblem(put(x), put(W), put(b), put(thr), None), pre, cut  # type: ignore[arg-type]
+
+
+def encode_cases(device: torch.device) -> list[EncodeCase]:
+    """Every target's encode candidates that can run on ``device`` (its default and, for the Triton encode,
+    one with slots too few for its pairs), for ReLU and JumpReLU in the three dtypes."""
+    from sae_tune.targets import TARGETS
+    from sae_tune.targets.base import EncodeRequest
+    from sae_tune.targets.triton import ENCODE_IMPL
+    from sae_tune.targets.triton import encode as triton_encode
+
+    out = []
+    for dtype, activation in itertools.product(
+        (torch.float32, torch.float16, torch.bfloat16), ("relu", "jumprelu")
+    ):
+        request = EncodeRequest(6, 300, 32, dtype, device, activation)
+        for target in TARGETS:
+            if target.available(device) is not None:
+                continue
+            for impl, config in target.encode_space(request)[:1]:
+                if target.encode_gate(impl, config, request) is None:
+                    out.append(EncodeCase(target, impl, config, dtype, activation))
+        # the Triton encode on CPU runs in the interpreter (never a candidate there: its timings mean nothing)
+        variants = triton_encode.encode_space(request, interpreter=True)[:1]
+        variants.append(triton_encode.EncodeVariant(block_m=16, block_n=32, block_k=16, slots=2, num_warps=1))
+        for target in TARGETS:
+            if ENCODE_IMPL in target.encode_impls and target.available(device) is None:
+                for v in variants:
+                    out.append(EncodeCase(target, ENCODE_IMPL, v.to_dict(), dtype, activation))
+    return list({(c.label, c.dtype): c for c in out}.values())
+
+
+def run_encode_case(case: EncodeCase, device: torch.device) -> str | None:
+    """None when the encode's CSR holds exactly the non-zeros and values of the exact pre-activations."""
+    problem, pre, cut = encode_inputs(case.dtype, case.activation, device)
+    offsets, indices, values = case.target.encode(case.impl, case.config, problem)  # type: ignore[attr-defined]
+    fired = pre > cut
+    want_offsets = torch.zeros(len(pre) + 1, dtype=torch.int64)
+    torch.cumsum(fired.sum(1), 0, out=want_offsets[1:])
+    rows, cols = fired.nonzero(as_tuple=True)
+    if not torch.equal(offsets.cpu(), want_offsets):
+        return "different non-zeros per token"
+    if not torch.equal(indices.cpu(), cols):
+        return "different features fired"
+    if not torch.equal(values.double().cpu(), pre[rows, cols]):
+        return "values differ from the exact pre-activations"
+    return None
 
 
 def quick_tune(device: torch.device, seconds: float) -> str:
@@ -185,6 +278,19 @@ def selftest_command(device: str | None, full: bool, no_tune: bool, tune_seconds
             click.echo(f"  FAILED {case.label}: {why}")
     passed = len(todo) - len(failures)
     click.echo(f"correctness: {passed} of {len(todo)} cases ({time.perf_counter() - started:.1f} s)")
+    started, encodes, bad = time.perf_counter(), encode_cases(dev), 0
+    for case in encodes:
+        try:
+            why = run_encode_case(case, dev)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if why is not None:
+            bad += 1
+            failures.append(f"{case.label}: {why}")
+            click.echo(f"  FAILED {case.label}: {why}")
+    targets = ", ".join(sorted({c.target.name for c in encodes}))  # type: ignore[attr-defined]
+    took = time.perf_counter() - started
+    click.echo(f"encode: {len(encodes) - bad} of {len(encodes)} cases ({targets}; {took:.1f} s)")
     if not no_tune:
         try:
             click.echo("tune: " + quick_tune(dev, tune_seconds))
