@@ -386,6 +386,25 @@ class CacheKey:
         return cls(**{k: data[k] for k in KEY_FIELDS})
 
     @classmethod
+    def _of(
+        cls, info: Any, template_hash: str, op: str, dtype: Any, F: int, D: int, batch_size: int, l0b: int
+    ) -> CacheKey:
+        """A key of ``info``'s device and software with the buckets of ``batch_size`` and ``l0b``."""
+        return cls(
+            device_name=info.name,
+            capability=info.capability,
+            torch_version=info.torch_version,
+            triton_version=info.triton_version,
+            template_hash=template_hash,
+            op=op,
+            dtype=str(dtype).removeprefix("torch."),
+            F=F,
+            D=D,
+            batch_bucket=batch_bucket(batch_size),
+            l0_bucket=l0b,
+        )
+
+    @classmethod
     def for_device(
         cls,
         info: Any,
@@ -399,38 +418,16 @@ class CacheKey:
         op: str = "decode",
     ) -> CacheKey:
         """Key for a ``DeviceInfo`` and a workload (buckets computed here; dtype may be a torch.dtype)."""
-        return cls(
-            device_name=info.name,
-            capability=info.capability,
-            torch_version=info.torch_version,
-            triton_version=info.triton_version,
-            template_hash=template_hash,
-            op=op,
-            dtype=str(dtype).removeprefix("torch."),
-            F=F,
-            D=D,
-            batch_bucket=batch_bucket(batch_size),
-            l0_bucket=min(l0_bucket(mean_l0), next_pow2(F)),
-        )
+        l0b = min(l0_bucket(mean_l0), next_pow2(F))
+        return cls._of(info, template_hash, op, dtype, F, D, batch_size, l0b)
 
     @classmethod
     def for_encode(
         cls, info: Any, *, template_hash: str, dtype: Any, F: int, D: int, batch_size: int, k: int | None
     ) -> CacheKey:
         """Key of an encode (op "encode", or "encode_topk" when ``k`` is given) of ``batch_size`` tokens."""
-        return cls(
-            device_name=info.name,
-            capability=info.capability,
-            torch_version=info.torch_version,
-            triton_version=info.triton_version,
-            template_hash=template_hash,
-            op="encode" if k is None else "encode_topk",
-            dtype=str(dtype).removeprefix("torch."),
-            F=F,
-            D=D,
-            batch_bucket=batch_bucket(batch_size),
-            l0_bucket=encode_l0_bucket(k, F),
-        )
+        op = "encode" if k is None else "encode_topk"
+        return cls._of(info, template_hash, op, dtype, F, D, batch_size, encode_l0_bucket(k, F))
 
 
 @dataclass(frozen=True)
