@@ -171,3 +171,44 @@ def test_sass_facts_find_barriers_inside_loops_only():
         "/*0000*/ LDG.E.64 R4, desc[UR4][R2.64] ;\n/*0010*/ @!P5 LDG.E R5, desc[UR8][R8.64] ;"
     )
     assert narrow["ldg128"] is False and narrow["ldg_narrow"] == 2
+
+
+def test_compile_check_op_encode_reports_every_encode_variant():
+    """`compile-check --op encode` compiles the Triton encode's variants (here one, patched in a child
+    process) and reports registers, spills, shared memory and the MMA kind as JSON."""
+    code = (
+        "import sys; import sae_tune.targets.triton.encode as e; "
+        "e.all_variants = lambda dtype: (e.EncodeVariant(),); from sae_tune.cli.main import main; "
+        "sys.argv = ['sae-tune', 'compile-check', '--op', 'encode', '--arch', 'sm_90', '--dtype', 'float16', "
+        "'--json']; main()"
+    )
+    done = run_child(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(done.stdout)
+    assert row["ok"] and row["fits"] and row["spills"] == 0, row
+    assert {k["kernel"] for k in row["kernels"]} == {"encode_kernel", "finish_kernel"}
+    assert all(k["sass"]["mma"] for k in row["kernels"]), row
+    assert "sm_90: 1 of 1 encode variants compiled, fit, no spills" in done.stderr
+
+
+def test_compile_check_op_encode_is_for_the_triton_target():
+    from click.testing import CliRunner
+
+    from sae_tune.cli.main import main
+
+    result = CliRunner().invoke(main, ["compile-check", "--target", "cpu", "--op", "encode"])
+    assert result.exit_code == 2 and "--op encode compiles the Triton encode" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_whole_encode_space_compiles_fits_and_does_not_spill(dtype):
+    code = (
+        "import sys; from sae_tune.cli.main import main; sys.argv = ['sae-tune', 'compile-check', '--op', "
+        "'encode', '--arch', 'sm_80', '--arch', 'sm_89', '--arch', 'sm_90', "
+        f"'--dtype', '{dtype}', '--json']; main()"
+    )
+    done = run_child(code)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert rows and all(r["ok"] and r["fits"] and r["spills"] == 0 for r in rows)

@@ -243,9 +243,24 @@ def test_space_leaves_out_tiles_past_the_gpus_shared_memory(monkeypatch):
     big = EncodeVariant(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4)
     assert names[0] == EncodeVariant().name and big.name not in names
     assert big.name in [v.name for v in encode_space(dataclasses.replace(request, dtype=torch.float16))]
-    assert "shared memory" in encode.shared_reason(big, torch.float32, cuda)
+    assert "shared memory" in encode.shared_reason(big, torch.float32, cuda)  # (fp32 drops its K tile too)
     for dtype in DTYPES:
         assert shared_estimate(EncodeVariant(), dtype) <= 101376
+
+
+def test_fp32_space_keeps_k_tiles_that_do_not_spill_on_sm80(monkeypatch):
+    """fp32 runs on FFMA: K tiles of 64 or more spilled 592-4,744 bytes on sm_80 (compile-check --op
+    encode), so the fp32 space keeps BLOCK_K <= 32; 16-bit dtypes keep the whole space."""
+    from sae_tune.targets.triton import encode
+
+    monkeypatch.setattr(encode, "shared_limit", lambda device: None)
+    monkeypatch.setattr(encode, "unsupported_reason", lambda request: None)
+    request = EncodeRequest(4096, 65536, 2304, torch.float32, torch.device("cuda"), "relu")
+    fp32 = encode_space(request)
+    assert fp32[0] == EncodeVariant() and all(v.block_k <= 32 for v in fp32)
+    assert fp32 == list(encode.all_variants(torch.float32))
+    bf16 = encode_space(dataclasses.replace(request, dtype=torch.bfloat16))
+    assert len(bf16) == len(_SPACE) > len(fp32)
 
 
 def test_target_contract_members():

@@ -135,16 +135,26 @@ def _build_all(name: str, F: int, D: int, dtype: str, as_json: bool) -> None:
     show_default=True,
     help="triton: compile for the --arch GPUs; cpu: build every C variant with this machine's compiler.",
 )
+@click.option(
+    "--op",
+    type=click.Choice(("decode", "encode")),
+    default="decode",
+    show_default=True,
+    help="triton: the decode family, or the encode (GEMM + threshold + compaction) space.",
+)
 def compile_check_command(
-    archs: tuple[str, ...], dtype: str, F: int, D: int, as_json: bool, target: str
+    archs: tuple[str, ...], dtype: str, F: int, D: int, as_json: bool, target: str, op: str
 ) -> None:
     """Compile every variant of the default space ahead of time (for real GPUs, or this CPU).
 
-    Exit code 1 when any variant fails to compile or spills registers.
+    Exit code 1 when any variant fails to compile, spills registers or (encode) needs more shared memory
+    than the architecture gives a block.
     """
     from tqdm import tqdm
 
     if target != "triton":
+        if op != "decode":
+            raise click.UsageError("--op encode compiles the Triton encode; the C encode builds on first use")
         _build_all(target, F, D, dtype, as_json)
         return
 
@@ -156,6 +166,9 @@ def compile_check_command(
         raise click.BadParameter(
             f"unknown {', '.join(bad)}; choose from {', '.join(ARCHS)}", param_hint="'--arch'"
         )
+    if op == "encode":
+        _compile_encode(archs, DTYPES[dtype], F, D, as_json)
+        return
     space = Variant.search_space(F, D, DTYPES[dtype])
     if not space:
         raise click.UsageError(f"--width {F} --d-model {D}: the default space has no variant for this shape")
@@ -191,4 +204,36 @@ def compile_check_command(
                 f"{arch}: {tally[(arch, True)]} of {len(space)} variants compiled without spills", err=True
             )
     if any(not r.ok or r.spills for r in results):
+        sys.exit(1)
+
+
+def _compile_encode(archs: tuple[str, ...], dtype: torch.dtype, F: int, D: int, as_json: bool) -> None:
+    """Compile every Triton encode variant for each architecture; exit 1 on a failure, a spill or a
+    kernel that needs more shared memory than the architecture gives a block."""
+    from sae_tune.targets.triton.encode import all_variants
+    from sae_tune.targets.triton.encode_compile import compile_encode
+
+    started = time.perf_counter()
+    results = []
+    for arch in archs:
+        click.echo(f"[{time.perf_counter() - started:6.1f} s] compile {arch}: encode variants", err=True)
+        results += [compile_encode(v, arch, dtype, F, D) for v in all_variants(dtype)]
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+    else:
+        for r in results:
+            if r.ok:
+                mma = "/".join(sorted({str(k.sass.get("mma_kind") or "FFMA") for k in r.kernels}))
+                usage = f"regs {r.registers:4d}  spills {r.spills:5d}  shared {r.shared:6d}  {mma}"
+                status = "ok" if r.fits else "TOO MUCH SHARED MEMORY"
+            else:
+                usage, status = r.error, "FAILED"
+            click.echo(f"{r.arch:6s} {r.variant:40s} {status:6s} {usage}")
+    good = Counter(r.arch for r in results if r.ok and r.spills == 0 and r.fits)
+    for arch in archs:
+        click.echo(
+            f"{arch}: {good[arch]} of {len(all_variants(dtype))} encode variants compiled, fit, no spills",
+            err=True,
+        )
+    if any(not (r.ok and r.spills == 0 and r.fits) for r in results):
         sys.exit(1)

@@ -139,6 +139,22 @@ _SPACE = (
 )
 
 
+# fp32 runs on FFMA (IEEE, never tf32): K tiles of 64 and more spill on sm_80 (592 to 4,744 bytes,
+# ``sae-tune compile-check --op encode --arch sm_80 --dtype float32``), so fp32 keeps BLOCK_K <= 32.
+FP32_MAX_BLOCK_K = 32
+
+
+def for_dtype(variant: EncodeVariant, dtype: torch.dtype) -> bool:
+    """Whether ``variant`` is in the space for ``dtype`` (fp32: BLOCK_K <= FP32_MAX_BLOCK_K)."""
+    return dtype != torch.float32 or variant.block_k <= FP32_MAX_BLOCK_K
+
+
+def all_variants(dtype: torch.dtype) -> tuple[EncodeVariant, ...]:
+    """Every variant of the encode space for ``dtype`` before shape and device filters (what
+    ``compile-check --op encode`` compiles)."""
+    return tuple(v for v in _SPACE if for_dtype(v, dtype))
+
+
 def unsupported_reason(request: EncodeRequest) -> str | None:
     """None when the Triton encode can run ``request`` exactly, else why not."""
     if request.activation not in ACTIVATIONS:
@@ -163,7 +179,7 @@ def encode_space(request: EncodeRequest, *, interpreter: bool = False) -> list[E
     limit = shared_limit(request.device)
     return [
         v
-        for i, v in enumerate(_SPACE)
+        for i, v in enumerate(all_variants(request.dtype))
         if (i == 0 or (v.block_m <= m_cap and v.block_n <= n_cap))
         and (limit is None or shared_estimate(v, request.dtype) <= limit)
     ]
