@@ -190,7 +190,10 @@ def test_compile_check_prints_a_line_per_architecture_on_stderr(monkeypatch):
 
     def fake_compile_check(space, arch, dtype, progress, F=None, D=None):
         return [
-            compile_mod.CompileResult(v.name, arch, "float32", True, 32, 0, 1024) for v in progress(space[:2])
+            compile_mod.CompileResult(
+                v.name, arch, "float32", True, (compile_mod.KernelUsage("k", 32, 0, 1024),)
+            )
+            for v in progress(space[:2])
         ]
 
     monkeypatch.setattr(compile_mod, "compile_check", fake_compile_check)

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -46,17 +46,28 @@ class KernelUsage:
 
 @dataclass(frozen=True)
 class CompileResult:
-    """Compile outcome of one variant for one architecture (its kernels' worst case)."""
+    """Compile outcome of one variant for one architecture: its kernels, or the error (a compile error
+    is a result of the check, not a crash of it). Registers, spills and shared memory are the kernels'
+    worst case."""
 
     variant: str
     arch: str
     dtype: str
     ok: bool
-    registers: int | None
-    spills: int | None
-    shared: int | None
-    error: str | None = None
     kernels: tuple[KernelUsage, ...] = ()
+    error: str | None = None
+
+    @property
+    def registers(self) -> int | None:
+        return max(k.registers for k in self.kernels) if self.ok else None
+
+    @property
+    def spills(self) -> int | None:
+        return sum(k.spills for k in self.kernels) if self.ok else None
+
+    @property
+    def shared(self) -> int | None:
+        return max(k.shared for k in self.kernels) if self.ok else None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -70,6 +81,19 @@ class CompileResult:
             "error": self.error,
             "kernels": [dict(k.__dict__) for k in self.kernels],
         }
+
+    @classmethod
+    def of(
+        cls, variant: str, arch: str, dtype: torch.dtype, kernels: Callable[[], Iterable[KernelUsage]]
+    ) -> Self:
+        """The result of compiling ``kernels()``; an exception becomes a failed result naming it."""
+        dtype_name = str(dtype).removeprefix("torch.")
+        try:
+            usages = tuple(kernels())
+        except Exception as exc:
+            first = " ".join(str(exc).strip().splitlines()[:3])
+            return cls(variant, arch, dtype_name, False, error=f"{type(exc).__name__}: {first}")
+        return cls(variant, arch, dtype_name, True, usages)
 
 
 def parse_arch(arch: str) -> int:
@@ -203,34 +227,15 @@ def compile_variant(
     D: int | None = None,
 ) -> CompileResult:
     """Compile every kernel of ``variant`` as launched for an (F, D) SAE; a failure is reported."""
-    dtype_name = str(dtype).removeprefix("torch.")
     F = DEFAULT_SHAPE[0] if F is None else F
     D = DEFAULT_SHAPE[1] if D is None else D
-    try:
-        launches = representative_launches(variant, F, D, dtype)
-        usages = [compile_launch(variant, launch, arch) for launch in launches]
-    except Exception as exc:  # a compile error is a result of the check, not a crash of it
-        first = str(exc).strip().splitlines()[:3]
-        return CompileResult(
-            variant.name,
-            arch,
-            dtype_name,
-            False,
-            None,
-            None,
-            None,
-            f"{type(exc).__name__}: {' '.join(first)}",
-        )
-    return CompileResult(
-        variant.name,
-        arch,
-        dtype_name,
-        True,
-        max(u.registers for u in usages),
-        sum(u.spills for u in usages),
-        max(u.shared for u in usages),
-        kernels=tuple(usages),
-    )
+
+    def kernels() -> list[KernelUsage]:
+        return [
+            compile_launch(variant, launch, arch) for launch in representative_launches(variant, F, D, dtype)
+        ]
+
+    return CompileResult.of(variant.name, arch, dtype, kernels)
 
 
 def compile_check(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_tune.targets.triton.compile_check import (
+    CompileResult,
     KernelUsage,
     compiled_cubin,
     cuobjdump_run,
@@ -49,27 +50,8 @@ def gemm_facts(sass: str) -> dict[str, object]:
 
 
 @dataclass(frozen=True)
-class EncodeCompileResult:
-    """Compile outcome of one encode variant for one architecture and dtype."""
-
-    variant: str
-    arch: str
-    dtype: str
-    ok: bool
-    kernels: tuple[KernelUsage, ...] = ()
-    error: str | None = None
-
-    @property
-    def spills(self) -> int | None:
-        return sum(k.spills for k in self.kernels) if self.ok else None
-
-    @property
-    def registers(self) -> int | None:
-        return max(k.registers for k in self.kernels) if self.ok else None
-
-    @property
-    def shared(self) -> int | None:
-        return max(k.shared for k in self.kernels) if self.ok else None
+class EncodeCompileResult(CompileResult):
+    """Compile outcome of one encode variant for one architecture and dtype, with ``fits``."""
 
     @property
     def fits(self) -> bool:
@@ -77,18 +59,7 @@ class EncodeCompileResult:
         return self.ok and all(k.shared <= SHARED_LIMIT[self.arch] for k in self.kernels)
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "variant": self.variant,
-            "arch": self.arch,
-            "dtype": self.dtype,
-            "ok": self.ok,
-            "registers": self.registers,
-            "spills": self.spills,
-            "shared": self.shared,
-            "fits": self.fits,
-            "error": self.error,
-            "kernels": [dict(k.__dict__) for k in self.kernels],
-        }
+        return {**super().to_json(), "fits": self.fits}
 
 
 def compile_encode_launch(variant: EncodeVariant, launch: Launch, arch: str) -> KernelUsage:
@@ -109,14 +80,11 @@ def compile_encode(
     activation: str = "jumprelu",
 ) -> EncodeCompileResult:
     """Compile both kernels of ``variant`` as launched for an (F, D) SAE; a failure is reported."""
-    dtype_name = str(dtype).removeprefix("torch.")
     F = DEFAULT_SHAPE[0] if F is None else F
     D = DEFAULT_SHAPE[1] if D is None else D
-    try:
+
+    def kernels() -> list[KernelUsage]:
         launches = representative_launches(variant, F, D, dtype, activation=activation)
-        kernels = tuple(compile_encode_launch(variant, launch, arch) for launch in launches)
-    except Exception as exc:  # a compile error is a result of the check, not a crash of it
-        first = " ".join(str(exc).strip().splitlines()[:3])
-        error = f"{type(exc).__name__}: {first}"
-        return EncodeCompileResult(variant.name, arch, dtype_name, False, error=error)
-    return EncodeCompileResult(variant.name, arch, dtype_name, True, kernels)
+        return [compile_encode_launch(variant, launch, arch) for launch in launches]
+
+    return EncodeCompileResult.of(variant.name, arch, dtype, kernels)
