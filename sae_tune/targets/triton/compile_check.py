@@ -184,8 +184,15 @@ def resource_usage(cubin: bytes) -> tuple[int, int, int]:
 _compiled: dict[tuple, KernelUsage] = {}
 
 
-def compiled_cubin(fn: Any, launch: Launch, arch: str) -> tuple[bytes, int]:
-    """(cubin, shared bytes) of kernel ``fn`` compiled for ``arch`` with ``launch``'s specialisation."""
+def compile_kernel(
+    fn: Any,
+    launch: Launch,
+    arch: str,
+    spec: tuple[dict[str, str], dict[str, object], dict] | None = None,
+    facts: Callable[[str], dict[str, object]] = sass_facts,
+) -> KernelUsage:
+    """Compile kernel ``fn`` for ``arch`` with ``launch``'s specialisation (``spec``: ``specialised(fn,
+    launch)`` if the caller has it) and read its resources and, with ``facts``, its SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -194,29 +201,26 @@ def compiled_cubin(fn: Any, launch: Launch, arch: str) -> tuple[bytes, int]:
         raise RuntimeError(
             "ahead-of-time compilation needs real Triton kernels: run it without TRITON_INTERPRET"
         )
-    signature, constexprs, attrs = specialised(fn, launch)
+    signature, constexprs, attrs = spec if spec is not None else specialised(fn, launch)
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", parse_arch(arch), 32),
         options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
     )
-    return compiled.asm["cubin"], int(compiled.metadata.shared)
+    cubin = compiled.asm["cubin"]
+    registers, spills, shared = resource_usage(cubin)
+    sass = facts(cuobjdump_run("-sass", cubin))
+    return KernelUsage(launch.kernel, registers, spills, max(shared, int(compiled.metadata.shared)), sass)
 
 
 def compile_launch(variant: Variant, launch: Launch, arch: str) -> KernelUsage:
     """Compile one launch's kernel, specialised for its arguments, for ``arch``; cached per process."""
     fn = getattr(module_for(variant), launch.kernel)
-    signature, constexprs, attrs = specialised(fn, launch)
-    key = (module_digest(variant), launch.kernel, arch, repr(signature), repr(constexprs), repr(attrs))
-    key += (launch.num_warps, launch.num_stages)
-    if key in _compiled:
-        return _compiled[key]
-    cubin, meta_shared = compiled_cubin(fn, launch, arch)
-    registers, spills, shared = resource_usage(cubin)
-    sass = sass_facts(cuobjdump_run("-sass", cubin))
-    usage = KernelUsage(launch.kernel, registers, spills, max(shared, meta_shared), sass)
-    _compiled[key] = usage
-    return usage
+    spec = specialised(fn, launch)
+    key = (module_digest(variant), launch.kernel, arch, *map(repr, spec), launch.num_warps, launch.num_stages)
+    if key not in _compiled:
+        _compiled[key] = compile_kernel(fn, launch, arch, spec)
+    return _compiled[key]
 
 
 def compile_variant(

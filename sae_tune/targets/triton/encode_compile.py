@@ -18,9 +18,7 @@ import torch
 from sae_tune.targets.triton.compile_check import (
     CompileResult,
     KernelUsage,
-    compiled_cubin,
-    cuobjdump_run,
-    resource_usage,
+    compile_kernel,
     sass_facts,
 )
 from sae_tune.targets.triton.encode import EncodeVariant, load_encode_module, representative_launches
@@ -62,13 +60,16 @@ class EncodeCompileResult(CompileResult):
         return {**super().to_json(), "fits": self.fits}
 
 
+def encode_facts(sass: str) -> dict[str, object]:
+    """The decode family's SASS facts and the GEMM's (tensor cores, asynchronous tile copies)."""
+    return {**sass_facts(sass), **gemm_facts(sass)}
+
+
 def compile_encode_launch(variant: EncodeVariant, launch: Launch, arch: str) -> KernelUsage:
     """Compile one encode launch's kernel, specialised for its arguments, for ``arch``."""
-    cubin, meta_shared = compiled_cubin(getattr(load_encode_module(variant), launch.kernel), launch, arch)
-    registers, spills, shared = resource_usage(cubin)
-    sass = cuobjdump_run("-sass", cubin)
-    facts = {**sass_facts(sass), **gemm_facts(sass)}
-    return KernelUsage(launch.kernel, registers, spills, max(shared, meta_shared), facts)
+    return compile_kernel(
+        getattr(load_encode_module(variant), launch.kernel), launch, arch, facts=encode_facts
+    )
 
 
 def compile_encode(
