@@ -8,13 +8,15 @@ that builds this project has a GPU, and anything more would be untested code.
 from __future__ import annotations
 
 import functools
-import platform
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sae_tune import cpu_identity
+from sae_tune.cpu_identity import bounded_name, describe_cpu, printable
 
 DEVICE_KINDS = ("cpu", "cuda")
 
@@ -37,57 +39,25 @@ class DeviceInfo:
     triton_version: str | None
 
 
-def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU model: /proc/cpuinfo "model name", else ``platform.processor()``, else the machine type.
-
-    Two machines with the same architecture but different CPU models time differently, so the model (not
-    just "x86_64") names a CPU in the cache.
-    """
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        field, sep, value = line.partition(":")
-        if sep and field.strip() == "model name" and value.strip():
-            return " ".join(value.split())
-    for candidate in (platform.processor(), platform.machine()):
-        if candidate and candidate.strip():
-            return " ".join(candidate.split())
-    return "unknown cpu"
+def cpu_model_name(cpuinfo: Path | None = None) -> str:
+    """The CPU model, readable and bounded (``cpu_identity``): two machines with the same architecture but
+    different CPU models time differently, so the model (not just "x86_64") names a CPU."""
+    return (cpu_identity.this_cpu() if cpuinfo is None else describe_cpu(cpuinfo)).readable
 
 
-# Instruction-set extensions that change how generated CPU code runs (vector width, fp16/bf16 support).
-ISA_FLAGS = (
-    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
-    "avx512_fp16", "avx_vnni", "amx_bf16", "asimd", "fphp", "sve", "sve2",
-)  # fmt: skip
+def cpu_key_name(cpuinfo: Path | None = None) -> str:
+    """How a CPU is named in cache keys and built objects' keys: its bounded model name and a digest of its
+    generation and vector extensions, e.g. "AMD EPYC [x86_64 3f0c9a1b2d4e]"."""
+    return (cpu_identity.this_cpu() if cpuinfo is None else describe_cpu(cpuinfo)).key_name
 
 
-def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's generation and vector extensions, e.g. "family 26 model 2: avx2 avx512f fma": one model
-    name ("AMD EPYC") covers several generations that time generated kernels differently."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        field, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(field.strip(), value.strip())
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    have = [f for f in ISA_FLAGS if f in flags]
-    family, model = fields.get("cpu family"), fields.get("model")
-    known = family and model and model.isdigit()
-    generation = f"family {family} model {model}" if known else platform.machine()
-    return f"{generation}: {' '.join(have) or 'no vector extensions listed'}"
+GPU_NAME_MAX = 96
 
 
-def cpu_key_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """How a CPU is named in cache keys: its model and its generation and ISA, e.g.
-    "AMD EPYC [family 26 model 2: avx2 avx512f fma]"."""
-    return f"{cpu_model_name(cpuinfo)} [{cpu_isa(cpuinfo)}]"
+def gpu_key_name(raw: str) -> str:
+    """A GPU's name as cache keys hold it: printable, whitespace-normalised, bounded (a digest of the
+    whole name replaces what does not fit)."""
+    return bounded_name(" ".join(printable(raw).split()) or "unknown gpu", GPU_NAME_MAX)
 
 
 def triton_version() -> str | None:
@@ -115,7 +85,7 @@ def _normalize(device: torch.device | str) -> tuple[str, int | None]:
 def _describe(kind: str, index: int | None) -> DeviceInfo:
     if kind == "cuda":
         major, minor = torch.cuda.get_device_capability(index)
-        name = " ".join(torch.cuda.get_device_name(index).split())
+        name = gpu_key_name(torch.cuda.get_device_name(index))
         capability: str | None = f"{major}.{minor}"
     else:
         name, capability = cpu_key_name(), None
@@ -144,7 +114,11 @@ def clear_device_cache() -> None:
 _SLUG = re.compile(r"[^A-Za-z0-9]+")
 
 
+SLUG_MAX = 100
+
+
 def device_slug(name: str) -> str:
-    """A file-name-safe form of a device name ("NVIDIA GeForce RTX 4090" -> "NVIDIA_GeForce_RTX_4090")."""
-    slug = _SLUG.sub("_", name).strip("_")
-    return slug or "unknown"
+    """A file-name-safe, bounded form of a device name ("NVIDIA GeForce RTX 4090" ->
+    "NVIDIA_GeForce_RTX_4090"); a long name keeps a digest of the whole so that names stay distinct."""
+    slug = _SLUG.sub("_", name).strip("_") or "unknown"
+    return _SLUG.sub("_", bounded_name(slug, SLUG_MAX))

@@ -98,3 +98,18 @@ def isolated_dispatch(tmp_path, monkeypatch):
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param
+
+
+def require_tool(*names: str) -> str:
+    """The path of the first of ``names`` on PATH. Missing: a skip on a developer's machine, a failure in
+    CI (``.ci/run`` installs every tool a test needs, so a skip there would hide a missing install)."""
+    import shutil
+
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    message = f"needs {' or '.join(names)} on PATH (.ci/run installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

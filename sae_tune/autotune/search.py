@@ -31,6 +31,7 @@ from sae_tune.autotune.workload import (
     synthetic_acts,
 )
 from sae_tune.cache.store import CacheKey, Store, WinnerRecord
+from sae_tune.cpu_identity import bounded_name
 from sae_tune.device import describe_device
 from sae_tune.specs import SAESpec
 from sae_tune.targets import templates_hash
@@ -155,10 +156,16 @@ def optuna_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     raise ValueError(f"--storage {url!r}: use journal:PATH or a database URL such as sqlite:///study.db")
 
 
+STUDY_NAME_MAX = 160  # within the cache's text fields and any database's name columns
+
+
 def study_name(key: CacheKey) -> str:
-    return (
+    """The Optuna study of ``key``: readable, and bounded whatever the device's name (a long name keeps a
+    digest of the whole, so distinct keys keep distinct studies)."""
+    return bounded_name(
         f"sae-tune:{key.op}:{key.device_name}:{key.capability or 'cpu'}:{key.dtype}:"
-        f"F{key.F}:D{key.D}:B{key.batch_bucket}:L0{key.l0_bucket}:{key.template_hash[:12]}"
+        f"F{key.F}:D{key.D}:B{key.batch_bucket}:L0{key.l0_bucket}:{key.template_hash[:12]}",
+        STUDY_NAME_MAX,
     )
 
 

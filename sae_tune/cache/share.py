@@ -37,6 +37,7 @@ from sae_tune.cache.store import (
     clean_origin,
     read_capped,
 )
+from sae_tune.cpu_identity import model_of, readable_part
 
 SCHEMA = "sae-tune/configs"
 VERSION = 1
@@ -107,11 +108,12 @@ def record_to_dict(rec: WinnerRecord) -> dict[str, Any]:
 
 
 def matching_devices(store: Store, device_name: str) -> list[str]:
-    """The stored device names equal to ``device_name`` ignoring case (a CPU model also matches without
-    its bracketed generation and extensions); ``NoSuchDevice`` if there are none."""
+    """The stored device names equal to ``device_name`` ignoring case (a CPU's model name also matches the
+    key names of every CPU of that model, whatever their digest); ``NoSuchDevice`` if there are none."""
     known = store.devices()
-    wanted = device_name.strip().casefold()
-    matched = [name for name in known if wanted in (name.casefold(), name.split(" [", 1)[0].casefold())]
+    # the name as typed, or as a key name holds it (whitespace-normalised, cut like a CPU's model part)
+    wanted = {device_name.strip().casefold(), readable_part(device_name).casefold()}
+    matched = [name for name in known if wanted & {name.casefold(), model_of(name).casefold()}]
     if not matched:
         listing = ", ".join(repr(name) for name in known) if known else "none: the cache has no winners"
         raise NoSuchDevice(f"no winners for device {device_name!r} in {store.path}; known devices: {listing}")

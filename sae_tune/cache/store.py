@@ -37,6 +37,7 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.db import Table
 
+from sae_tune.cpu_identity import cpu_key_name, legacy_names
 from sae_tune.paths import user_cache_dir
 from sae_tune.targets import IMPLS, TARGETS, ConfigFieldError, Target, target_of
 
@@ -75,6 +76,7 @@ MAX_BATCH_BUCKET = 1 << 24
 MAX_MS = 1e7
 MAX_ERROR_CHARS = 4000
 MAX_TEXT = 200
+MAX_DEVICE_NAME = 128  # CPU key names are at most KEY_NAME_MAX, GPU names GPU_NAME_MAX
 MAX_SPREAD = 1e6
 MAX_ORIGIN = 200
 
@@ -234,7 +236,7 @@ def clean_origin(name: str) -> str:
 def check_key_field(name: str, value: Any) -> Any:
     """Validate one ``CacheKey`` field; raises ``FieldError`` naming it."""
     if name == "device_name":
-        return _text(name, value, 128)
+        return _text(name, value, MAX_DEVICE_NAME)
     if name == "capability":
         return None if value is None else _pattern(name, value, _CAPABILITY_RE, 'like "9.0" or null (CPU)')
     if name == "torch_version":
@@ -908,6 +910,7 @@ class Store:
             if version is not None:
                 if version < SCHEMA_VERSION:
                     self._migrate(version)
+                self._rename_devices({old: cpu_key_name() for old in legacy_names()})
                 return
             prov = {**_PROV_COLUMNS}
             self._table("meta").create({"key": str, "value": str}, pk="key")
@@ -974,6 +977,60 @@ class Store:
         self.db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('migrated', ?)",
             [f"from schema version {version} on {now_iso()} by {sae_tune_version()}"],
+        )
+
+    def _rename_devices(self, renames: Mapping[str, str]) -> None:
+        """Inside the schema transaction: rows keyed by an old name of a device (this CPU's key name as an
+        earlier release wrote it) move to its current name, keeping every trial, baseline and winner. A key
+        that already has a winner under the new name keeps the faster of the two."""
+        for old, new in renames.items():
+            if (
+                old == new
+                or not self.db.execute(
+                    "SELECT 1 FROM winners WHERE device_name = ? UNION ALL "
+                    "SELECT 1 FROM trials WHERE device_name = ? UNION ALL "
+                    "SELECT 1 FROM baselines WHERE device_name = ? LIMIT 1",
+                    [old, old, old],
+                ).fetchone()
+            ):
+                continue
+            for table in ("trials", "baselines", "winners"):
+                rows = self.db.execute(
+                    f"SELECT rowid AS row_number_, * FROM [{table}] WHERE device_name = ?", [old]
+                )
+                names = [d[0] for d in rows.description]
+                for values in rows.fetchall():
+                    row = dict(zip(names, values, strict=True))
+                    try:
+                        key = CacheKey(**{**{k: row[k] for k in KEY_FIELDS}, "device_name": new})
+                    except FieldError:
+                        continue  # a row that was invalid before stays as it was (and is skipped on read)
+                    self._move_row(table, row, key)
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('renamed_devices', ?)",
+                [f"{old!r} -> {new!r} on {now_iso()} by {sae_tune_version()}"],
+            )
+
+    def _move_row(self, table: str, row: dict[str, Any], key: CacheKey) -> None:
+        """Re-key one row of ``table`` (by rowid) to ``key``, resolving a clash with a row already there."""
+        clash = None
+        if table == "winners":
+            clash = self.db.execute("SELECT ms FROM winners WHERE key_id = ?", [key.id]).fetchone()
+        elif table == "baselines":
+            clash = self.db.execute(
+                "SELECT ms FROM baselines WHERE key_id = ? AND impl = ?", [key.id, row["impl"]]
+            ).fetchone()
+        if clash is not None:
+            if row["ms"] is not None and clash[0] is not None and row["ms"] < clash[0]:
+                where = "key_id = ?" + (" AND impl = ?" if table == "baselines" else "")
+                args = [key.id] + ([row["impl"]] if table == "baselines" else [])
+                self.db.execute(f"DELETE FROM [{table}] WHERE {where}", args)
+            else:
+                self.db.execute(f"DELETE FROM [{table}] WHERE rowid = ?", [row["row_number_"]])
+                return
+        self.db.execute(
+            f"UPDATE [{table}] SET device_name = ?, key_id = ? WHERE rowid = ?",
+            [key.device_name, key.id, row["row_number_"]],
         )
 
     @staticmethod

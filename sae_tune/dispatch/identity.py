@@ -10,7 +10,8 @@ from importlib import metadata
 
 import torch
 
-from sae_tune.device import cpu_key_name
+from sae_tune import cpu_identity
+from sae_tune.device import gpu_key_name
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,11 @@ def installed_triton_version() -> str | None:
 def device_identity(device: torch.device) -> Identity:
     """Identity of a CPU or CUDA device; ValueError for other device types."""
     if device.type == "cpu":
-        name, capability = cpu_key_name(), None
+        name, capability = cpu_identity.cpu_key_name(), None
     elif device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
-        name, capability = " ".join(torch.cuda.get_device_name(index).split()), f"{major}.{minor}"
+        name, capability = gpu_key_name(torch.cuda.get_device_name(index)), f"{major}.{minor}"
     else:
         raise ValueError(f"no tuned configs for device type {device.type!r}")
     return Identity(name, capability, str(torch.__version__), installed_triton_version())

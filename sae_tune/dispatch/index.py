@@ -43,6 +43,7 @@ from sae_tune.cache.store import (
     format_ms,
     validate_config,
 )
+from sae_tune.cpu_identity import current_device_name
 from sae_tune.dispatch.decision import DispatchWarning, Option
 from sae_tune.dispatch.identity import Identity
 
@@ -84,7 +85,11 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 def _record(row: dict[str, Any]) -> WinnerRecord:
     try:
-        key = CacheKey(**{name: row[name] for name in KEY_FIELDS})
+        fields = {name: row[name] for name in KEY_FIELDS}
+        # a CPU key name written by an earlier release reads as its current name (a read-only cache that
+        # was never migrated keeps serving its winners)
+        fields["device_name"] = current_device_name(fields["device_name"])
+        key = CacheKey(**fields)
         config = json.loads(row["config"])
         canonical = check_winner(key, row["impl"], config, row["ms"], row["dense_ms"])
         source = row.get("source") if row.get("source") in SOURCES else "measured"
