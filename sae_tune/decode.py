@@ -8,7 +8,14 @@ import dataclasses
 import torch
 
 from sae_tune.dispatch import decode as dispatch_decode
-from sae_tune.inputs import autocast_cast, autocast_dtype, check_decode_inputs, dtype_names, resolved
+from sae_tune.inputs import (
+    autocast_cast,
+    autocast_dtype,
+    bias_after,
+    check_decode_inputs,
+    dtype_names,
+    resolved,
+)
 from sae_tune.sparse_acts import SparseActs
 from sae_tune.targets.triton.launch import check_kernel_tensor, run_variant
 from sae_tune.targets.triton.variant import Variant
@@ -25,8 +32,10 @@ def sparse_decode(
 ) -> torch.Tensor:
     """``feature_acts @ W_dec (+ b_dec)`` computed by gathering only the W_dec rows of fired features.
 
-    feature_acts: (..., F); W_dec: (F, D); b_dec: (D,) or None. The result has shape (..., D) and the
-    dtype of the dense expression.
+    feature_acts: (..., F); W_dec: (F, D), of feature_acts' dtype (float32, float16, bfloat16 or float64);
+    b_dec: (D,), None, or (without ``variant``) any dtype and shape ``acts @ W_dec + b_dec`` takes (a bias
+    of another dtype or a broadcast shape is added by torch after the product, as the dense expression
+    adds it). The result has the dense expression's shape and dtype.
 
     Without ``variant`` the dispatcher chooses the path (tuned cache, shipped configs, cost model or
     dense; ``sae_tune.explain`` says which and why), with correct gradients when autograd records the
@@ -45,15 +54,17 @@ def sparse_decode(
             raise TypeError(
                 "variant= takes dense feature_acts; a SparseActs is decoded from its CSR directly"
             )
+        _check_promise(k, allow_truncation)
+        if bias_after(tuple(feature_acts.lead_shape or ()), W_dec, b_dec) is not None:
+            # another dtype is promoted inside; a broadcast shape is added as the dense expression adds it
+            if not (isinstance(b_dec, torch.Tensor) and tuple(b_dec.shape) == (W_dec.shape[1],)):
+                return decode_sparse_acts(feature_acts, W_dec, None) + b_dec
         return decode_sparse_acts(feature_acts, W_dec, b_dec)
     if variant is None:
         return dispatch_decode(feature_acts, W_dec, b_dec, k=k, allow_truncation=allow_truncation)
     if not isinstance(variant, Variant):
         raise TypeError(f"variant must be a sae_tune.Variant, got {type(variant).__name__}")
-    if type(allow_truncation) is not bool:
-        raise TypeError(f"allow_truncation must be True or False, got {allow_truncation!r}")
-    if k is not None and (type(k) is not int or k < 1):
-        raise ValueError(f"k must be a positive int or None, got {k!r}")
+    _check_promise(k, allow_truncation)
     target = autocast_dtype(feature_acts)
     if target is not None and isinstance(W_dec, torch.Tensor):
         # as autocast runs ``feature_acts @ W_dec``: both operands in its dtype (the bias add is not cast)
@@ -78,11 +89,25 @@ def sparse_decode(
     return out.reshape(*inputs.lead_shape, inputs.D)
 
 
+def _check_promise(k: object, allow_truncation: object) -> None:
+    if type(allow_truncation) is not bool:
+        raise TypeError(f"allow_truncation must be True or False, got {allow_truncation!r}")
+    if k is not None and (type(k) is not int or k < 1):
+        raise ValueError(f"k must be a positive int or None, got {k!r}")
+
+
 def decode_sparse_acts(
     acts: SparseActs, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``acts.to_dense() @ W_dec (+ b_dec)`` from the CSR: one weighted sum of W_dec rows per token
-    (``F.embedding_bag`` with the CSR offsets as bags), shaped ``acts.lead_shape + (D,)``."""
+    (``F.embedding_bag`` with the CSR offsets as bags), shaped ``acts.lead_shape + (D,)``.
+
+    The CSR is checked again first (its tensors may have been edited since construction): on CPU before
+    any read, raising ``ValueError`` naming the field; elsewhere without a host sync (clamped offsets and
+    indices, a NaN result and an asynchronous assert when they were invalid; see ``SparseActs``)."""
+    if not isinstance(acts, SparseActs):
+        raise TypeError(f"acts must be a SparseActs, got {type(acts).__name__}")
+    offsets, indices, ok = acts._csr()
     for name, t in (("W_dec", W_dec), ("b_dec", b_dec)):
         if t is None and name == "b_dec":
             continue
@@ -112,17 +137,18 @@ def decode_sparse_acts(
             )
         if b_dec.device != W.device:
             raise ValueError(f"b_dec is on {b_dec.device} but W_dec is on {W.device}")
-    if acts.nnz == 0 or D == 0:
-        out = torch.zeros(acts.n_tokens, D, dtype=W.dtype, device=W.device)
+    if indices.numel() == 0 or D == 0:
+        out = torch.zeros(offsets.numel() - 1, D, dtype=W.dtype, device=W.device)
     else:
         out = torch.nn.functional.embedding_bag(
-            acts.indices.long(),
+            indices,
             W,
-            acts.offsets,
+            offsets,
             mode="sum",
             per_sample_weights=values,
             include_last_offset=True,
         )
     if b_dec is not None:
         out = out + resolved(b_dec)
-    return out.reshape(*acts.lead_shape, D)
+    assert acts.lead_shape is not None
+    return SparseActs._poisoned(out, ok).reshape(*acts.lead_shape, D)

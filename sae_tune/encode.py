@@ -5,21 +5,34 @@ tensor, applies the activation to get another, and only then can anything find t
 fired. Here the encoder runs over F in chunks: a library GEMM ``x @ W_enc[:, chunk] + b_enc[chunk]``,
 then the activation and the compaction of that chunk's non-zeros. Extra memory is O(B x chunk + nnz).
 
-The non-zeros are exactly SAELens's, bit for bit: the chunk's pre-activations are the same numbers as
-the full GEMM's (checked on this project's CPU for float32, bfloat16 and float16: a column slice of the
-GEMM is computed with the same reduction over D), and the activation is SAELens's expression:
+The non-zeros are SAELens's, bit for bit, wherever the BLAS computes a column slice of the GEMM
+``x @ W_enc[:, s:e]`` as the same numbers as those columns of the full ``x @ W_enc``: then the chunk's
+pre-activations are SAELens's and the activation is SAELens's expression. BLAS libraries block a GEMM and
+split it between threads by its shape, so this holds for some shapes and not others, even on one machine:
+on this project's CPU (MKL, 2 threads) B=8, D=512, F=3000 in chunks of 256 keep it, B=6, D=512, F=625 does
+not (MKL splits the 625 columns between the threads; a few columns of the 256-wide chunks round
+otherwise), nor does B=8, D=512, F=3000 with ``MKL_CBWR=COMPATIBLE`` (the last 4 columns of the first
+thread's 1500 take another kernel); an Intel machine's MKL differed likewise.
+``gemm_columns_exact`` probes it per shape (once per process); ``sparse_encode(..., exact=True)`` runs
+the whole row (SAELens's very GEMM, B x F memory) where the probe finds a difference. Without it, a
+feature can differ from SAELens's only by the GEMM's rounding: its value by a few units in the last place
+of ``|x| @ |W_enc| + |b_enc|``, and whether it fires only where its pre-activation lies that close to
+max(threshold, 0) (TopK: to the k-th largest pre-activation of its token).
+The activations:
 - ReLU (standard SAE): ``relu(pre)``;
 - JumpReLU: ``relu(pre) * (pre > threshold)``: a non-zero where pre > max(threshold, 0); NaN and
   infinite pre-activations keep SAELens's exact result (NaN where its product is NaN);
 - TopK: ``relu`` of the k largest pre-activations of each token (a running top-(k+1) over the chunks).
-  Which of several features tied at the k-th largest positive value ``torch.topk`` keeps depends on the
-  whole row, so a token with such a tie gets its full row in a second pass and ``torch.topk`` on it
-  (rare in float32; frequent in bfloat16, where such tokens cost F values each and a second GEMM pass).
+  Which of several features tied at the k-th largest positive value (or of more than k NaN ones)
+  ``torch.topk`` keeps depends on the whole row, so a token with such a tie gets its full row in a second
+  pass and ``torch.topk`` on it (rare in float32; frequent in bfloat16, where such tokens cost F values
+  each and a second GEMM pass; a token whose input holds a NaN has a row of NaNs).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -127,9 +140,79 @@ def _check(
     return x, thr
 
 
+def _gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The one GEMM of the encode, SAELens's ``x @ W_enc`` (tests put a BLAS that rounds otherwise here)."""
+    return torch.matmul(x, w)
+
+
+_COLUMNS_EXACT: dict[tuple[object, ...], bool] = {}
+_COLUMNS_LOCK = threading.Lock()
+
+
+def gemm_input(x: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., D) as ``torch.matmul(x, W_enc)`` (SAELens's ``sae_in @ W_enc``) multiplies it, so that the
+    chunks take its path: torch folds the lead dimensions into one GEMM over B rows (copying x where they
+    cannot be viewed so) when x has at most 2 dimensions, is empty, W_enc requires grad (an SAE's
+    parameter, even under no_grad) or the fold needs no copy; otherwise it runs a batched GEMM over the
+    last lead dimension, whose numbers differ. That case keeps x's shape (the GEMMs then run on it)."""
+    if x.dim() <= 2 or W_enc.requires_grad or x.numel() == 0:
+        return x.reshape(-1, x.shape[-1])
+    size, stride = x.shape, x.stride()
+    if all(stride[i] == stride[i + 1] * size[i + 1] for i in range(x.dim() - 2)):
+        return x.reshape(-1, x.shape[-1])
+    return x
+
+
+def _like(t: torch.Tensor, gen: torch.Generator, scale: float) -> torch.Tensor:
+    """Seeded random values laid out in memory as ``t`` (its shape and strides), in its dtype and device."""
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+    base = (torch.randn(extent, generator=gen) * scale).to(t.dtype).to(t.device)
+    return base.as_strided(t.shape, t.stride())
+
+
+def gemm_columns_exact(x: torch.Tensor, W_enc: torch.Tensor, chunk: int) -> bool:
+    """Whether this process's BLAS computes ``x @ W_enc[:, s:e]``, for the chunks of ``chunk_bounds(F,
+    chunk)``, as the same numbers as columns s:e of the full ``x @ W_enc``: the premise of bitwise parity
+    with SAELens. BLAS libraries pick kernels and thread splits by shape, so it is probed on seeded random
+    data laid out as ``x`` (..., D) (give ``gemm_input``'s) and ``W_enc`` (D, F) are (one full GEMM: B x F
+    values) and remembered per process for their shapes, strides, dtype, device and torch's threads."""
+    if not isinstance(x, torch.Tensor) or not isinstance(W_enc, torch.Tensor) or x.dim() < 1:
+        raise TypeError("gemm_columns_exact takes x (..., D) and W_enc (D, F) tensors")
+    if W_enc.dim() != 2 or x.shape[-1] != W_enc.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and W_enc {tuple(W_enc.shape)} do not chain (..., D) @ (D, F)")
+    if type(chunk) is not int or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    D, F = W_enc.shape
+    bounds = chunk_bounds(F, min(chunk, F)) if F else [(0, 0)]
+    if len(bounds) == 1 or x.numel() == 0:
+        return True  # one GEMM over the whole row: SAELens's own call
+    layout = (tuple(x.shape), x.stride(), W_enc.stride())
+    key = (W_enc.device, W_enc.dtype, layout, F, chunk, torch.get_num_threads(), _gemm)
+    with _COLUMNS_LOCK:
+        known = _COLUMNS_EXACT.get(key)
+    if known is not None:
+        return known
+    gen = torch.Generator().manual_seed(0x5AE)
+    with torch.no_grad():
+        x, w = _like(x, gen, 1.0), _like(W_enc, gen, 1 / max(D, 1) ** 0.5)
+        full = _gemm(x, w)
+        exact = all(torch.equal(_gemm(x, w[:, s:e]), full[..., s:e]) for s, e in bounds)
+        del full
+    with _COLUMNS_LOCK:
+        _COLUMNS_EXACT[key] = exact
+    return exact
+
+
+def forget_column_checks() -> None:
+    """Forget this process's ``gemm_columns_exact`` answers (tests: after changing the GEMM)."""
+    with _COLUMNS_LOCK:
+        _COLUMNS_EXACT.clear()
+
+
 def _pre(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None, s: int, e: int) -> torch.Tensor:
-    """``x @ W_enc[:, s:e] + b_enc[s:e]``, the same numbers as those columns of the full expression."""
-    pre = torch.matmul(x, W_enc[:, s:e])
+    """``x @ W_enc[:, s:e] + b_enc[s:e]``: the same numbers as those columns of the full expression where
+    ``gemm_columns_exact`` holds."""
+    pre = _gemm(x, W_enc[:, s:e]).view(-1, e - s)  # x (..., D): gemm_input's
     if b_enc is not None:
         pre.add_(b_enc[s:e])
     return pre
@@ -164,7 +247,7 @@ def _csr_from_rows(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n
 def _encode_threshold(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None, thr: torch.Tensor | None, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, F = x.shape[0], W_enc.shape[1]
+    B, F = math.prod(x.shape[:-1]), W_enc.shape[1]
     thr_pos = None if thr is None else torch.clamp_min(thr, 0)  # NaN stays NaN: never fires
     rows, cols, vals = [], [], []
     for s, e in chunk_bounds(F, chunk):
@@ -182,7 +265,7 @@ def _encode_threshold(
 def _encode_topk(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None, k: int, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, F = x.shape[0], W_enc.shape[1]
+    B, F = math.prod(x.shape[:-1]), W_enc.shape[1]
     keep_n = min(k + 1, F)  # one more than k: a tie at the k-th value shows as v[k-1] == v[k]
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
@@ -223,12 +306,14 @@ def _resolve_ties(
     i: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top k of the k+1 candidates per token. Where the k-th and (k+1)-th largest pre-activations are
-    equal and positive, which tied feature ``torch.topk`` keeps depends on the whole row: those tokens get
-    their full rows of pre-activations (a second pass of chunks, the same numbers) and ``torch.topk`` on
-    them, as SAELens runs it. Ties at values <= 0 do not matter (ReLU zeroes them)."""
-    v, order = torch.sort(v, dim=1, descending=True)
+    equal and positive, or both NaN (``torch.topk`` ranks NaN above +inf, so a token with more than k NaN
+    pre-activations, e.g. one whose input holds a NaN, keeps k of them), which tied feature ``torch.topk``
+    keeps depends on the whole row: those tokens get their full rows of pre-activations (a second pass of
+    chunks, the same numbers) and ``torch.topk`` on them, as SAELens runs it. Ties at values <= 0 do not
+    matter (ReLU zeroes them)."""
+    v, order = torch.sort(v, dim=1, descending=True)  # NaN first, as torch.topk ranks it
     i = i.gather(1, order)
-    tied = (v[:, k - 1] == v[:, k]) & (v[:, k] > 0)
+    tied = ((v[:, k - 1] == v[:, k]) & (v[:, k] > 0)) | v[:, k].isnan()
     v, i = v[:, :k].contiguous(), i[:, :k].contiguous()
     rows = tied.nonzero().squeeze(1)
     if rows.numel():
@@ -242,7 +327,9 @@ def _resolve_ties(
 
 def encode_chunked(problem: EncodeProblem, chunk: int) -> EncodeResult:
     """The (offsets, indices, values) of ``problem`` with ``chunk`` features per GEMM (today's torch code,
-    the library target's encode): any chunk >= ``MIN_CHUNK`` gives the same non-zeros bit for bit."""
+    the library target's encode): every chunk >= ``MIN_CHUNK`` gives the same non-zeros bit for bit where
+    ``gemm_columns_exact`` holds. ``problem.x`` may also be ``gemm_input``'s (..., D) tensor (a batched
+    GEMM, as torch runs SAELens's for such an x)."""
     x, W, b = problem.x, problem.W_enc, problem.b_enc
     size = min(chunk, W.shape[1])
     with torch.no_grad():
@@ -264,6 +351,7 @@ def sparse_encode(
     threshold: torch.Tensor | float | None = None,
     k: int | None = None,
     chunk: int | None = None,
+    exact: bool = False,
 ) -> SparseActs:
     """SAE feature activations of ``x`` (..., D) as a ``SparseActs``, never a dense (B, F) tensor.
 
@@ -273,12 +361,21 @@ def sparse_encode(
     this device, dtype, shape and batch size runs (``sae_tune.dispatch.encode_choice``), else about 16M
     pre-activations per chunk. Extra memory is O(B x chunk + nnz). All tensors must share one dtype and
     device; there is no backward.
+
+    The non-zeros are SAELens's bit for bit where the BLAS computes a column slice of the GEMM as those
+    columns of the full GEMM (``gemm_columns_exact``); elsewhere a feature can differ only by the GEMM's
+    rounding (see the module's docstring). ``exact=True`` makes them SAELens's on every BLAS: the first
+    call of a shape probes the BLAS (one B x F GEMM on random data, remembered per process) and, where
+    the columns differ, runs the whole row at once (SAELens's very GEMM: B x F memory); it runs the
+    library encode, never a tuned one.
     """
+    if type(exact) is not bool:
+        raise TypeError(f"exact must be a bool, got {type(exact).__name__}")
     x, thr = _check(x, W_enc, b_enc, threshold, k, chunk)
     D, F = W_enc.shape
     lead = tuple(x.shape[:-1])
     B = math.prod(lead)
-    flat = resolved(x).reshape(B, D)
+    flat = gemm_input(resolved(x), W_enc)  # (B, D), or (..., D) where SAELens's GEMM is a batched one
     W = resolved(W_enc)
     b = None if b_enc is None else resolved(b_enc)
     if B == 0 or F == 0:
@@ -287,10 +384,16 @@ def sparse_encode(
         return SparseActs._trusted(empty, none, torch.zeros(0, dtype=x.dtype, device=x.device), F, lead, k)
     problem = EncodeProblem(flat, W, b, thr, k)
     with torch.no_grad():
-        if chunk is not None or flat.stride(-1) != 1:
+        if exact:
+            size = min(chunk or default_chunk(B, F), F)
+            if not gemm_columns_exact(flat, W, size):
+                size = F  # this BLAS rounds a column slice otherwise: SAELens's one GEMM over the row
+            offsets, indices, values = encode_chunked(problem, size)
+        elif chunk is not None or flat.stride(-1) != 1 or flat.dim() != 2:
             # An x whose rows are not in memory order (e.g. transposed) runs the torch code on it as it is:
             # the GEMM of a copy can round differently (float16), and the encode contract's impls take
-            # contiguous rows. So such an x keeps the untuned default chunk.
+            # contiguous rows (B, D). So such an x, and one whose GEMM torch batches, keeps the untuned
+            # default chunk.
             offsets, indices, values = encode_chunked(problem, chunk or default_chunk(B, F))
         else:
             from sae_tune.dispatch.encode_choice import run_encode

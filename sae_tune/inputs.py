@@ -127,3 +127,44 @@ def autocast_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.is_floating_point() and t.dtype != torch.float64 and t.dtype != dtype:
         return t.to(dtype)
     return t
+
+
+# --- a bias the paths do not fuse -----------------------------------------------------------------------
+
+
+def bias_after(lead_shape: tuple[int, ...], W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> str | None:
+    """Why ``b_dec`` must be added by torch after the product instead of inside a path, or None when a
+    path takes it (a (D,) vector of W_dec's dtype, or no bias; other inputs are left to the input checks).
+
+    The dense expression ``acts @ W_dec + b_dec`` rounds the product to W_dec's dtype, then adds the bias
+    with torch's type promotion and broadcasting: computing the product alone and adding ``b_dec`` after
+    is that expression, for every bias dtype and every shape that broadcasts. A shape that does not
+    broadcast is a ``ValueError`` naming ``b_dec``.
+    """
+    if not (isinstance(b_dec, torch.Tensor) and isinstance(W_dec, torch.Tensor)) or W_dec.dim() != 2:
+        return None
+    if b_dec.layout is not torch.strided:
+        return None
+    D = W_dec.shape[1]
+    same_shape = tuple(b_dec.shape) == (D,)
+    if same_shape and b_dec.dtype == W_dec.dtype:
+        return None
+    product = (*lead_shape, D)
+    if not same_shape:
+        try:
+            torch.broadcast_shapes(product, tuple(b_dec.shape))
+        except RuntimeError:
+            raise ValueError(
+                f"b_dec must have shape ({D},) to match W_dec {tuple(W_dec.shape)}, or a shape that "
+                f"broadcasts against the product's {product} as in acts @ W_dec + b_dec; got "
+                f"{tuple(b_dec.shape)}"
+            ) from None
+    if b_dec.device != W_dec.device and b_dec.dim() != 0:  # torch adds a 0-dim tensor from any device
+        raise ValueError(f"b_dec is on {b_dec.device} but W_dec is on {W_dec.device}")
+    if b_dec.dtype != W_dec.dtype:
+        out = torch.promote_types(W_dec.dtype, b_dec.dtype)
+        return (
+            f"b_dec ({dtype_names((b_dec.dtype,))}) is added by torch after the product in "
+            f"{dtype_names((W_dec.dtype,))}, giving {dtype_names((out,))} as acts @ W_dec + b_dec does"
+        )
+    return f"b_dec of shape {tuple(b_dec.shape)} is broadcast by torch after the product, as in dense"

@@ -95,7 +95,8 @@ def test_whole_default_space_compiles_without_spills(arch):
     from sae_tune.targets.triton.variant import Variant
 
     assert len(rows) == len(Variant.search_space(65536, 2304))
-    assert all(r["ok"] and r["spills"] == 0 for r in rows)
+    # a variant the compile facts record spilling with this Triton is pruned from the space: not a failure
+    assert all(r["ok"] and (r["spills"] == 0 or r["status"] == "pruned") for r in rows)
 
 
 def run_child(code: str) -> subprocess.CompletedProcess:
@@ -211,4 +212,5 @@ def test_whole_encode_space_compiles_fits_and_does_not_spill(dtype):
     done = run_child(code)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     rows = json.loads(done.stdout)
-    assert rows and all(r["ok"] and r["fits"] and r["spills"] == 0 for r in rows)
+    # a variant the compile facts record spilling with this Triton is pruned from the space: not a failure
+    assert rows and all(r["ok"] and (r["status"] == "pruned" or r["fits"] and r["spills"] == 0) for r in rows)

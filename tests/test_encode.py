@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import DTYPES
+from conftest import DTYPES, TOLERANCE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sae_tune
 from sae_tune import SparseActs, sparse_encode
-from sae_tune.encode import MIN_CHUNK, chunk_bounds, default_chunk
+from sae_tune.encode import MIN_CHUNK, chunk_bounds, default_chunk, gemm_columns_exact
 
 D, F = 96, 1500  # F not a multiple of any chunk below: the last chunk is partial
 
@@ -49,6 +49,43 @@ def assert_same_nonzeros(acts: SparseActs, dense: torch.Tensor):
     torch.testing.assert_close(acts.values, ref.values, rtol=0, atol=0, equal_nan=True)
 
 
+def rounding_bound(x, W, b):
+    """How far two correct GEMMs of x @ W + b may differ: a few units in the last place of the summed
+    magnitudes |x| @ |W| + |b| (TOLERANCE is about one; two roundings, each side)."""
+    x2, W2, b2 = x.reshape(-1, W.shape[0]).double(), W.double(), b.double()
+    return 4 * TOLERANCE[x.dtype] * (x2.abs() @ W2.abs() + b2.abs())
+
+
+def assert_within_gemm_rounding(acts: SparseActs, dense: torch.Tensor, x, W, b, *, thr=None, k=None):
+    """The weaker promise, where the BLAS rounds a column slice otherwise than the full GEMM: every feature
+    whose value differs from SAELens's differs by at most the GEMM's rounding, and one that fires in only
+    one of them has a pre-activation within that rounding of max(threshold, 0) (TopK: of its token's k-th
+    largest pre-activation)."""
+    mine, ref = acts.to_dense().reshape(dense.shape).double(), dense.double()
+    mine, ref = mine.reshape(-1, W.shape[1]), ref.reshape(-1, W.shape[1])
+    bound = rounding_bound(x, W, b)
+    pre = (x.reshape(-1, W.shape[0]) @ W + b).double()  # SAELens's pre-activations
+    both_fire = (mine != 0) & (ref != 0)
+    same = (mine == ref) | (mine.isnan() & ref.isnan())  # NaN or inf: the same on both sides
+    close = same | ((mine - ref).abs() <= bound)
+    assert close[both_fire].all(), "a value differs beyond rounding"
+    one_fires = (mine != 0) != (ref != 0)
+    if k is not None:
+        edge = torch.topk(pre, k=k, dim=-1).values[:, -1:].clamp_min(0)
+    else:
+        edge = torch.zeros_like(pre) if thr is None else thr.double().clamp_min(0).expand_as(pre)
+    near = (pre - edge).abs() <= 2 * bound
+    assert near[one_fires].all(), "a feature far from the threshold fires in only one of the two"
+
+
+def assert_saelens_nonzeros(acts: SparseActs, dense: torch.Tensor, x, W, b, chunk, *, thr=None, k=None):
+    """The promise: bitwise where this BLAS gives column slices the full GEMM's numbers, else the weaker."""
+    if chunk is None or gemm_columns_exact(x.reshape(-1, W.shape[0]), W, chunk):
+        assert_same_nonzeros(acts, dense)
+    else:
+        assert_within_gemm_rounding(acts, dense, x, W, b, thr=thr, k=k)
+
+
 CHUNKS = [None, MIN_CHUNK, 700]  # None: one chunk (F) at this batch size
 
 
@@ -57,9 +94,11 @@ CHUNKS = [None, MIN_CHUNK, 700]  # None: one chunk (F) at this batch size
 def test_jumprelu_and_relu_match_saelens_bitwise(dtype, chunk):
     x, W, b, thr = problem(dtype, lead=(3, 5))
     acts = sparse_encode(x, W, b, threshold=thr, chunk=chunk)
-    assert_same_nonzeros(acts, saelens_jumprelu(x, W, b, thr))
+    assert_saelens_nonzeros(acts, saelens_jumprelu(x, W, b, thr), x, W, b, chunk, thr=thr)
     assert 0 < acts.nnz < x.numel() // D * F
-    assert_same_nonzeros(sparse_encode(x, W, b, chunk=chunk), saelens_relu(x, W, b))
+    assert_saelens_nonzeros(sparse_encode(x, W, b, chunk=chunk), saelens_relu(x, W, b), x, W, b, chunk)
+    exact = sparse_encode(x, W, b, threshold=thr, chunk=chunk, exact=True)  # bitwise on every BLAS
+    assert_same_nonzeros(exact, saelens_jumprelu(x, W, b, thr))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -69,28 +108,44 @@ def test_topk_matches_saelens_bitwise(dtype, chunk, k):
     x, W, b, _ = problem(dtype)
     acts = sparse_encode(x, W, b, k=k, chunk=chunk)
     assert acts.max_per_row == k
-    assert_same_nonzeros(acts, saelens_topk(x, W, b, k))
+    assert_saelens_nonzeros(acts, saelens_topk(x, W, b, k), x, W, b, chunk, k=k)
+    assert_same_nonzeros(sparse_encode(x, W, b, k=k, chunk=chunk, exact=True), saelens_topk(x, W, b, k))
 
 
 def test_topk_drops_features_whose_relu_is_zero():
     x, W, b, _ = problem(torch.float32)
-    acts = sparse_encode(x, W, b - 10.0, k=50, chunk=MIN_CHUNK)  # few positive pre-activations
+    acts = sparse_encode(x, W, b - 10.0, k=50, chunk=MIN_CHUNK, exact=True)  # few positive pre-acts
     assert (acts.row_counts() < 50).any()
     assert_same_nonzeros(acts, saelens_topk(x, W, b - 10.0, 50))
 
 
-def test_chunked_gemm_columns_equal_the_full_gemm():
-    """The premise of bitwise parity, on this machine's BLAS: columns s:e of x @ W + b are the numbers
-    x @ W[:, s:e] + b[s:e] gives, for chunks of at least MIN_CHUNK features."""
+def test_gemm_columns_exact_says_whether_this_blas_keeps_the_premise():
+    """The premise of bitwise parity (columns s:e of x @ W equal x @ W[:, s:e]) holds on some BLAS and not
+    on others; the probe must say which, for this machine's BLAS, as a direct comparison finds."""
     gen = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         for B in (1, 7, 64):
             x = torch.randn(B, 512, generator=gen).to(dtype)
             W = torch.randn(512, 3000, generator=gen).to(dtype)
-            b = torch.randn(3000, generator=gen).to(dtype)
-            full = x @ W + b
-            for s, e in chunk_bounds(3000, MIN_CHUNK):
-                assert torch.equal(x @ W[:, s:e] + b[s:e], full[:, s:e]), (dtype, B, s, e)
+            full = x @ W
+            direct = all(torch.equal(x @ W[:, s:e], full[:, s:e]) for s, e in chunk_bounds(3000, MIN_CHUNK))
+            assert gemm_columns_exact(x, W, MIN_CHUNK) == direct, (dtype, B)
+            assert gemm_columns_exact(x, W, 3000) is True  # one GEMM over the row: SAELens's own
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_lead_dimensions_torch_cannot_fold_take_saelens_gemm(frozen):
+    """x (3, 1, 2, D) whose last two dimensions are transposed: torch's ``x @ W_enc`` folds the lead
+    dimensions into one GEMM (a copy) when W_enc requires grad, and runs a batched GEMM, which rounds
+    otherwise, when it does not (a frozen SAE); sparse_encode must take the same path."""
+    x, W, b, thr = problem(torch.float32, B=6)
+    x = x.reshape(3, 1, D, 2).mT  # strides (2D, 2D, 1, 2): no view folds the lead dimensions
+    W.requires_grad_(not frozen)
+    with torch.no_grad():
+        dense = saelens_jumprelu(x, W, b, thr)
+        assert_same_nonzeros(sparse_encode(x, W, b, threshold=thr), dense)
+        assert_same_nonzeros(sparse_encode(x, W, b, threshold=thr, chunk=MIN_CHUNK, exact=True), dense)
+        assert_same_nonzeros(sparse_encode(x, W, b, k=9, exact=True), saelens_topk(x, W, b, 9))
 
 
 def test_non_finite_pre_activations_keep_saelens_results():
@@ -104,9 +159,9 @@ def test_non_finite_pre_activations_keep_saelens_results():
     b[8] = float("inf")  # inf > inf is False: SAELens gives relu(inf) * 0 = NaN
     for chunk in (MIN_CHUNK, None):
         assert_same_nonzeros(
-            sparse_encode(x, W, b, threshold=thr, chunk=chunk), saelens_jumprelu(x, W, b, thr)
+            sparse_encode(x, W, b, threshold=thr, chunk=chunk, exact=True), saelens_jumprelu(x, W, b, thr)
         )
-        assert_same_nonzeros(sparse_encode(x, W, b, chunk=chunk), saelens_relu(x, W, b))
+        assert_same_nonzeros(sparse_encode(x, W, b, chunk=chunk, exact=True), saelens_relu(x, W, b))
 
 
 class LargestTensor(TorchDispatchMode):
@@ -179,6 +234,7 @@ def test_encode_decode_round_trip_matches_dense():
         (lambda x, W, b, t: sparse_encode(x, W.T, b), ValueError, "x must have shape"),
         (lambda x, W, b, t: sparse_encode(x, W, b, threshold="high"), TypeError, "threshold must be"),
         (lambda x, W, b, t: sparse_encode(x.long(), W, b), TypeError, "x must have a floating dtype"),
+        (lambda x, W, b, t: sparse_encode(x, W, b, exact="yes"), TypeError, "exact must be a bool"),
     ],
 )
 def test_input_errors_name_the_argument(call, error, match):
@@ -204,6 +260,6 @@ def test_topk_ties_at_the_kth_value_keep_the_features_torch_topk_keeps():
     W[:, twins] = W[:, 100:101]
     b[twins] = 6.0  # far above every other pre-activation: all seven are the top, tied
     for k in (3, 5):
-        acts = sparse_encode(x, W, b, k=k, chunk=MIN_CHUNK)
+        acts = sparse_encode(x, W, b, k=k, chunk=MIN_CHUNK, exact=True)
         assert (acts.row_counts() == k).all()
         assert_same_nonzeros(acts, saelens_topk(x, W, b, k))

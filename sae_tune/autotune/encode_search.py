@@ -24,7 +24,7 @@ import torch
 
 from sae_tune.autotune.timing import Timing, time_cuda
 from sae_tune.autotune.verify import TOLERANCE
-from sae_tune.cache.store import CacheKey, Store, format_ms
+from sae_tune.cache.store import CacheKey, Store, format_ms, is_noisy
 from sae_tune.targets import TARGETS, Target, templates_hash
 from sae_tune.targets.base import EncodeProblem, EncodeRequest, EncodeResult
 
@@ -80,6 +80,13 @@ class EncodeTuneResult:
     times: dict[str, float]
     failed: dict[str, str]
     seconds: float
+    best_spread: float | None = None
+    default_spread: float | None = None
+
+    @property
+    def noisy(self) -> bool:
+        """The winner's or the default's timing was noisy: the times and their ratio are not speeds."""
+        return is_noisy(self.best_spread) or is_noisy(self.default_spread)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +100,7 @@ class EncodeTuneResult:
             "candidates": len(self.times) + len(self.failed),
             "failed": len(self.failed),
             "seconds": round(self.seconds, 2),
+            "noisy": self.noisy,
         }
 
 
@@ -288,7 +296,7 @@ def tune_encode(
     best = min(finalists, key=lambda c: timings[c].ms)
     default = next(iter(timings))  # the reference: what an untuned call runs
     default_ms = timings[default].ms
-    store.record_baseline(key, default.impl, default_ms, default.config)
+    store.record_baseline(key, default.impl, default_ms, default.config, spread=spread_of(timings[default]))
     best_timing = timings[best]
     store.set_winner_if_faster(key, best.impl, best.config, best_timing.ms, spread=spread_of(best_timing))
     return EncodeTuneResult(
@@ -300,6 +308,8 @@ def tune_encode(
         {c.label: t.ms for c, t in timings.items()},
         {c.label: why for c, why in failures.items()},
         time.perf_counter() - started,
+        spread_of(best_timing),
+        spread_of(timings[default]),
     )
 
 
@@ -309,9 +319,14 @@ def spread_of(timing: Timing) -> float | None:
 
 
 def describe(result: EncodeTuneResult) -> str:
-    """One line for the tuning job's output."""
-    vs = "" if result.default_ms is None else f" (untuned default {result.default_ms:.3f} ms)"
+    """One line for the tuning job's output (a noisy time says so)."""
+
+    def ms(value: float, spread: float | None) -> str:
+        return format_ms(value, None) + (" (noisy)" if is_noisy(spread) else "")
+
+    default = None if result.default_ms is None else ms(result.default_ms, result.default_spread)
+    vs = "" if default is None else f" (untuned default {default})"
     return (
-        f"encode B={result.batch_size}: {result.best.label} {format_ms(result.best_ms, None)}{vs}, "
+        f"encode B={result.batch_size}: {result.best.label} {ms(result.best_ms, result.best_spread)}{vs}, "
         f"{len(result.times)} raced, {len(result.failed)} failed, {result.seconds:.1f} s"
     )

@@ -8,6 +8,7 @@ The best few are re-timed interleaved with dense at the end, and the winner goes
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,7 +22,14 @@ import torch
 
 from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.autotune.candidates import Candidate, SearchSpace, baselines, search_space
-from sae_tune.autotune.timing import Timing, time_fn, time_interleaved
+from sae_tune.autotune.timing import (
+    Timing,
+    busy_reason,
+    quietest,
+    time_fn,
+    time_interleaved,
+    timing_noise,
+)
 from sae_tune.autotune.verify import Reference, check
 from sae_tune.autotune.workload import (
     L0Stats,
@@ -30,7 +38,7 @@ from sae_tune.autotune.workload import (
     random_weights,
     synthetic_acts,
 )
-from sae_tune.cache.store import CacheKey, Store, WinnerRecord
+from sae_tune.cache.store import CacheKey, Store, WinnerRecord, is_noisy
 from sae_tune.cpu_identity import bounded_name
 from sae_tune.device import describe_device
 from sae_tune.specs import SAESpec
@@ -76,6 +84,13 @@ class TuneResult:
     failed: int
     l0: L0Stats
     study: str
+    best_spread: float | None = None
+    dense_spread: float | None = None
+
+    @property
+    def noisy(self) -> bool:
+        """The winner's or dense's final timing was noisy: its time and speedup are not speeds."""
+        return is_noisy(self.best_spread) or is_noisy(self.dense_spread)
 
     @property
     def speedup(self) -> float:
@@ -100,6 +115,9 @@ class TuneResult:
             "failed_trials": self.failed,
             "l0": {"mean": self.l0.mean, "p99": self.l0.p99, "max": self.l0.max},
             "study": self.study,
+            "best_spread": self.best_spread,
+            "dense_spread": self.dense_spread,
+            "noisy": self.noisy,
         }
 
 
@@ -122,6 +140,28 @@ class Workload:
             return fn(self.acts, self.W_dec, self.b_dec)
 
 
+def _not_a_journal(path: str) -> str | None:
+    """Why an existing, non-empty file is not an Optuna journal (its first line is not a JSON log entry),
+    or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    if not head:
+        return None
+    line = head.split(b"\n", 1)[0]
+    if b"\n" not in head:  # a first entry another process is still writing: judge its start only
+        return None if line.startswith(b'{"op_code"') else "its first line is not a JSON log entry"
+    try:
+        entry = json.loads(line)
+    except (UnicodeDecodeError, ValueError):
+        return "its first line is not a JSON log entry"
+    return None if isinstance(entry, dict) and "op_code" in entry else "its first line is not a log entry"
+
+
 def optuna_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     """``None`` (in memory), ``journal:PATH`` / a ``.log``/``.journal`` path, or a database URL.
 
@@ -141,6 +181,11 @@ def optuna_storage(url: str | None) -> optuna.storages.BaseStorage | None:
             raise ValueError(f"--storage {url!r}: no such directory: {parent}")
         if os.path.isdir(path):
             raise ValueError(f"--storage {url!r}: {path} is a directory; give a file name")
+        problem = _not_a_journal(path)
+        if problem is not None:  # Optuna would append to any file, then fail on reading it back
+            raise ValueError(
+                f"--storage {url!r}: {path} is not an Optuna journal ({problem}); nothing written"
+            )
         try:
             return JournalStorage(JournalFileBackend(path))
         except OSError as exc:
@@ -185,6 +230,7 @@ class Tuner:
         progress: Callable[[int, str], Any] | None = None,
         phase: Callable[[str], Any] | None = None,
         retune: bool = False,
+        notice: Callable[[str], Any] | None = None,
     ) -> None:
         self.spec, self.device, self.dtype, self.store = spec, torch.device(device), dtype, store
         self.info = describe_device(self.device)
@@ -194,6 +240,8 @@ class Tuner:
         self.progress = progress
         self.phase = phase  # told each phase of a batch size (baselines, search, final re-timing)
         self.retune = retune  # forget what is stored for a key before tuning it (once per key)
+        self.notice = notice  # told once if the machine looks busy (default: a logged warning)
+        self._busy_said = False
         self._forgotten: set[CacheKey] = set()
         self.W_dec, self.b_dec = random_weights(
             spec.width, spec.d_model, dtype=dtype, device=self.device, seed=seed
@@ -208,6 +256,23 @@ class Tuner:
     def _say(self, message: str) -> None:
         if self.phase is not None:
             self.phase(message)
+
+    def _check_busy(self, baselines: Iterable[Timing]) -> None:
+        """Say once per tuner when the machine looks busy: its timings will be noisy."""
+        if self._busy_said:
+            return
+        reason = busy_reason(baselines)
+        if reason is None:
+            return
+        self._busy_said = True
+        message = (
+            f"the machine looks busy ({reason}): timings will be noisy. A noisy measurement is re-measured; "
+            "a winner still noisy is stored flagged (noisy) and replaced by the next quiet measurement."
+        )
+        if self.notice is not None:
+            self.notice(message)
+        else:
+            log.warning("sae-tune: %s", message)
 
     def workload(self, batch_size: int) -> Workload:
         if self.real_acts is None:
@@ -243,7 +308,7 @@ class Tuner:
         verdict = check(out, work.reference, expected)
         if not verdict.ok:
             raise CandidateFailed(f"wrong result: {verdict.reason}")
-        return time_fn(lambda: work.run(fn), self.device)
+        return quietest(lambda: time_fn(lambda: work.run(fn), self.device), timing_noise)
 
     # --- one batch size -----------------------------------------------------------------------------
     def tune_batch(
@@ -282,6 +347,7 @@ class Tuner:
         reference: dict[str, float] = {}
         library = baselines(self.dtype, self.device)
         self._say(f"B={batch_size}: baselines ({len(library)} library paths)")
+        baseline_timings: list[Timing] = []
         for cand in library:
             try:
                 timing = self.measure(cand, work)
@@ -291,8 +357,10 @@ class Tuner:
                 failed += 1
                 continue
             reference[cand.impl] = measured[cand] = timing.ms
+            baseline_timings.append(timing)
             record(cand, timing, None, None)
             self.store.record_baseline(key, cand.impl, timing.ms, spread=spread_of(timing))
+        self._check_busy(baseline_timings)
         if "dense" not in reference:
             reason = failures.get(Candidate.of("dense", {}), "unknown")
             raise TuneError(
@@ -353,12 +421,15 @@ class Tuner:
         )
         self._say(f"B={batch_size}: final re-timing (up to {FINALISTS} best and the baselines, interleaved)")
         best, final = self._final(measured, work, reference)
+        dense = Candidate.of("dense", {})
         final_baselines = {impl: final[Candidate.of(impl, {})].ms for impl in reference}
         dense_ms = final_baselines["dense"]
         self.store.set_winner_if_faster(
             key, best.impl, best.config, final[best].ms, dense_ms, spread=spread_of(final[best])
         )
-        self._say(f"B={batch_size}: done, {best.label} {final[best].ms:.3f} ms (dense {dense_ms:.3f} ms)")
+        flag = ", noisy" if final[best].noisy or final[dense].noisy else ""
+        done = f"{best.label} {final[best].ms:.3f} ms (dense {dense_ms:.3f} ms{flag})"
+        self._say(f"B={batch_size}: done, {done}")
         return TuneResult(
             batch_size,
             key,
@@ -370,6 +441,8 @@ class Tuner:
             failed,
             stats,
             name,
+            spread_of(final[best]),
+            spread_of(final[dense]),
         )
 
     def _forget(self, key: CacheKey, name: str) -> None:
@@ -386,17 +459,28 @@ class Tuner:
     def _final(
         self, measured: dict[Candidate, float], work: Workload, baselines: Iterable[str]
     ) -> tuple[Candidate, dict[Candidate, Timing]]:
-        """Re-time the finalists and the baselines interleaved, so that every ratio comes from one run."""
+        """Re-time the finalists and the baselines interleaved, so that every ratio comes from one run.
+
+        A run in which the winner's or dense's timing is noisy is repeated (NOISY_RETRIES more at most) and
+        the quietest run is kept whole, so that the ratios still come from one run."""
         finalists = sorted(measured, key=measured.__getitem__)[:FINALISTS]
         for impl in baselines:
             if Candidate.of(impl, {}) not in finalists:
                 finalists.append(Candidate.of(impl, {}))
         fns = {c: c.build() for c in finalists}
         runs = {c.label: (lambda fn=fns[c]: work.run(fn)) for c in finalists}
-        timings = time_interleaved(runs, self.device)
-        by_cand = {c: timings[c.label] for c in finalists}
-        best = min(by_cand, key=lambda c: by_cand[c].ms)
-        return best, by_cand
+        dense = Candidate.of("dense", {})
+
+        def one_run() -> tuple[Candidate, dict[Candidate, Timing]]:
+            timings = time_interleaved(runs, self.device)
+            by_cand = {c: timings[c.label] for c in finalists}
+            return min(by_cand, key=lambda c: by_cand[c].ms), by_cand
+
+        def noise(run: tuple[Candidate, dict[Candidate, Timing]]) -> float:
+            best, by_cand = run
+            return max(timing_noise(by_cand[c]) for c in (best, dense) if c in by_cand)
+
+        return quietest(one_run, noise)
 
     def _warm_starts(self, space: SearchSpace, key: CacheKey) -> Iterable[dict[str, Any]]:
         """The targets' default variants, and the winners of neighbouring shapes and batch sizes here."""

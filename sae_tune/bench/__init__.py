@@ -1,8 +1,9 @@
 """``sae-tune bench``: the published sparse-decode tables, measured on the local device.
 
 ``run_bench(config, device)`` measures; ``write_outputs(result, out_dir)`` writes ``bench.md``,
-``bench.csv`` and the sweep plots. ``FULL`` and ``QUICK`` are the two configurations of the command;
-tests pass a tiny ``BenchConfig`` instead.
+``bench.csv`` and the sweep plots. ``run_bench(..., output=bench.output.BenchOutput(out_dir))`` writes
+each table as soon as it is done instead (and with ``resume=True`` keeps the tables already there).
+``FULL`` and ``QUICK`` are the two configurations of the command; tests pass a tiny ``BenchConfig``.
 """
 
 from __future__ import annotations

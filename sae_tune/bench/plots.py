@@ -60,8 +60,9 @@ def plot_sweep(
     plt.close(fig)
 
 
-def _title(table: str, result: BenchResult) -> str:
+def sweep_title(table: str, result: BenchResult) -> str:
     c, s = result.config, result.stamp
+    """The plot's title: what is fixed in the sweep, the dtype, the device, torch and the date."""
     fixed = {
         L0_SWEEP: f"B={c.batch}, F={c.width}, D={c.d_model}",
         WIDTH_SWEEP: f"B={c.batch}, L0={c.l0}, D={c.d_model}",
@@ -82,6 +83,6 @@ def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
         rows = [r for r in result.measurements if r.table == table]
         if rows:
             path = out_dir / name
-            plot_sweep(rows, x, xlabel, _title(table, result), path)
+            plot_sweep(rows, x, xlabel, sweep_title(table, result), path)
             written.append(path)
     return written

@@ -22,6 +22,7 @@ from sae_tune.bench.tables import (
     SUMMARY,
     WIDTH_SWEEP,
 )
+from sae_tune.cache.store import NOISY_SPREAD, is_noisy
 
 HEADINGS = {
     SUMMARY: "## 1. Summary",
@@ -49,6 +50,11 @@ def fmt_ms(v: float | None) -> str:
 
 def fmt_x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
+
+
+def noisy(r: Measurement | None, text: str) -> str:
+    """``text`` flagged when ``r``'s time is noise (samples spread past NOISY_SPREAD): not a speed."""
+    return f"{text} (noisy)" if r is not None and text != "-" and is_noisy(r.spread) else text
 
 
 def fmt_diff(v: float | None) -> str:
@@ -114,7 +120,14 @@ def summary_section(result: BenchResult) -> str:
     body = markdown_table(
         ("path", "ms", "vs dense", "max abs diff vs dense", "status", "note"),
         [
-            (r.path, fmt_ms(r.value), fmt_x(r.vs_dense), fmt_diff(r.max_abs_diff), status_cell(r), r.note)
+            (
+                r.path,
+                noisy(r, fmt_ms(r.value)),
+                noisy(r, fmt_x(r.vs_dense)),
+                fmt_diff(r.max_abs_diff),
+                status_cell(r),
+                r.note,
+            )
             for r in rows
         ],
     )
@@ -145,11 +158,11 @@ def split_section(result: BenchResult) -> str:
         table.append(
             (
                 path,
-                fmt_ms(full.value if full else None),
-                fmt_ms(kernel.value if kernel else None),
+                noisy(full, fmt_ms(full.value if full else None)),
+                noisy(kernel, fmt_ms(kernel.value if kernel else None)),
                 prep or "-",
-                fmt_x(full.vs_dense if full else None),
-                fmt_x(kernel.vs_dense if kernel else None),
+                noisy(full, fmt_x(full.vs_dense if full else None)),
+                noisy(kernel, fmt_x(kernel.vs_dense if kernel else None)),
                 status,
             )
         )
@@ -169,7 +182,7 @@ def sweep_cell(r: Measurement | None) -> str:
     if r is None:
         return "-"
     if r.status == OK:
-        return fmt_ms(r.value) if r.path == DENSE else f"{fmt_ms(r.value)} ({fmt_x(r.vs_dense)})"
+        return noisy(r, fmt_ms(r.value) if r.path == DENSE else f"{fmt_ms(r.value)} ({fmt_x(r.vs_dense)})")
     return {WRONG: "WRONG", UNAVAILABLE: "n/a"}.get(r.status, r.status)
 
 
@@ -212,8 +225,8 @@ def shapes_section(result: BenchResult) -> str:
             r.d_model,
             f"{r.l0} ({r.l0_mean:g} / {r.l0_max})",
             r.path,
-            fmt_ms(r.value),
-            fmt_x(r.vs_dense),
+            noisy(r, fmt_ms(r.value)),
+            noisy(r, fmt_x(r.vs_dense)),
             fmt_diff(r.max_abs_diff),
             status_cell(r),
         )
@@ -282,7 +295,7 @@ def bandwidth_section(result: BenchResult) -> str:
         mb = "-" if g is None or g.value is None or r.value is None else f"{g.value * r.value:.3g}"
         gb = "-" if g is None or g.value is None else f"{g.value:.3g}"
         share = "-" if f is None or f.value is None else f"{f.value:.1%}"
-        table.append((r.path, fmt_ms(r.value), mb, gb, share, status_cell(r)))
+        table.append((r.path, noisy(r, fmt_ms(r.value)), mb, gb, share, status_cell(r)))
     copy_text = f"{copy.value:.1f} GB/s ({copy.note})" if copy and copy.value else "not measured"
     head = (
         f"B={c.batch}, F={c.width}, D={c.d_model}, L0={c.l0}. Device copy bandwidth: {copy_text}. "
@@ -325,8 +338,8 @@ def forward_section(result: BenchResult) -> str:
                 m.batch,
                 f"{m.l0_mean:g} / {m.l0_max}" if m.l0_mean is not None else "-",
                 m.path,
-                _forward_cell(t, fmt_ms),
-                fmt_x(t.of_baseline) if t is not None and t.ok else "-",
+                noisy(t, _forward_cell(t, fmt_ms)),
+                noisy(t, fmt_x(t.of_baseline)) if t is not None and t.ok else "-",
                 _forward_cell(m, lambda v: f"{v / 1e6:.0f}" if v >= 10e6 else f"{v / 1e6:.2g}"),
                 fmt_x(m.of_baseline) if m.ok else "-",
                 fmt_diff(m.max_abs_diff),
@@ -407,8 +420,18 @@ def header(result: BenchResult) -> str:
         "- workloads: seeded synthetic SAE activations (lognormal per-token L0, Zipf feature frequencies), "
         "random weights.",
     ]
+    if any(is_noisy(r.spread) for r in result.measurements):
+        lines.append(
+            f"- (noisy): the interquartile range of that time's samples exceeds {NOISY_SPREAD:.0%} of their "
+            "median (another process took the cores): the time and its ratios are not a speed."
+        )
     if result.triton_note:
         lines.append(f"- {result.triton_note}")
+    if result.kept:
+        lines.append(
+            f"- kept from an earlier run of this configuration into this folder (--resume), not measured in "
+            f"this one: {', '.join(result.kept)}; their CSV rows carry that run's date"
+        )
     return "\n".join(lines)
 
 

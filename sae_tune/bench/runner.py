@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from sae_tune.bench.problem import WeightCache
 from sae_tune.bench.tables import RUNNERS, BenchContext
 from sae_tune.device import cpu_model_name, describe_device
 from sae_tune.targets.triton.support import interpreter_active, triton_unavailable_reason
+
+if TYPE_CHECKING:
+    from sae_tune.bench.output import BenchOutput
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class BenchResult:
     triton: bool
     triton_note: str
     seconds: float
+    kept: tuple[str, ...] = ()  # tables read back from an earlier run's files (--resume), not measured
 
 
 def triton_decision(device: torch.device) -> tuple[bool, str]:
@@ -94,9 +99,13 @@ def run_bench(
     triton: bool | None = None,
     tables: tuple[str, ...] | None = None,
     log: Callable[[str], None] = lambda _: None,
+    output: BenchOutput | None = None,
 ) -> BenchResult:
     """Measure ``tables`` (default: all) on ``device``. ``triton`` overrides the device's default: forcing
-    it on CPU runs the kernels in the interpreter, which tests use to exercise the GPU rows."""
+    it on CPU runs the kernels in the interpreter, which tests use to exercise the GPU rows.
+
+    With ``output``, each table is written as soon as it is done (a stopped run keeps what it measured),
+    and tables it already holds from a run like this one (``resume``) are kept instead of measured."""
     device = torch.device(device)
     auto, note = triton_decision(device)
     use_triton = auto if triton is None else triton
@@ -117,13 +126,27 @@ def run_bench(
     )
     stamp = Stamp.now(device, dtype, config, flush_bytes)
     started = time.perf_counter()
+    names = [name for name in RUNNERS if tables is None or name in tables]
+    done = {} if output is None else output.completed(stamp, names, log)
     rows: list[Measurement] = []
+    kept: list[str] = []
+
+    def result() -> BenchResult:
+        seconds = time.perf_counter() - started
+        return BenchResult(tuple(rows), stamp, config, use_triton, note, seconds, tuple(kept))
+
     with torch.no_grad():
-        for name, runner in RUNNERS.items():
-            if tables is not None and name not in tables:
+        for name in names:
+            if name in done:
+                rows += done[name]
+                kept.append(name)
+                log(f"{name}: kept from {output.table_path(name)}")  # type: ignore[union-attr]
                 continue
             t0 = time.perf_counter()
             log(f"{name} ...")
-            rows += runner(ctx)
+            new = RUNNERS[name](ctx)
+            rows += new
+            if output is not None:
+                output.table_done(name, new, result())
             log(f"{name} done in {time.perf_counter() - t0:.1f} s")
-    return BenchResult(tuple(rows), stamp, config, use_triton, note, time.perf_counter() - started)
+    return result()

@@ -79,6 +79,15 @@ MAX_TEXT = 200
 MAX_DEVICE_NAME = 128  # CPU key names are at most KEY_NAME_MAX, GPU names GPU_NAME_MAX
 MAX_SPREAD = 1e6
 MAX_ORIGIN = 200
+# A timing whose samples' interquartile range exceeds this fraction of their median is noisy: a quiet
+# machine shows a few percent; past half the median the median itself says little (another process took
+# the cores). A noisy winner is shown flagged and is replaced by the next quiet measurement of its key.
+NOISY_SPREAD = 0.5
+
+
+def is_noisy(spread: float | None) -> bool:
+    """Whether a stored relative spread marks its time as noise rather than speed (None: unknown, quiet)."""
+    return spread is not None and spread > NOISY_SPREAD
 
 
 class CacheError(RuntimeError):
@@ -219,11 +228,14 @@ def check_spread(field: str, value: Any) -> float | None:
 
 
 def format_ms(ms: float, spread: float | None, spec: str = ".3f") -> str:
-    """A time with its spread, e.g. "4.010 ms ±3%" (no spread shown when it is unknown)."""
+    """A time with its spread, e.g. "4.010 ms ±3%" (no spread shown when it is unknown); a noisy one says
+    so ("0.558 ms ±7009% (noisy)"), so that nobody reads it as a speed."""
     text = f"{ms:{spec}} ms"
     if spread is not None:
         pct = spread * 100
         text += f" ±{pct:.0f}%" if pct >= 1 else f" ±{pct:.1f}%"
+    if is_noisy(spread):
+        text += " (noisy)"
     return text
 
 
@@ -474,6 +486,11 @@ class WinnerRecord:
     @property
     def speedup(self) -> float | None:
         return None if self.dense_ms is None else self.dense_ms / self.ms
+
+    @property
+    def noisy(self) -> bool:
+        """Its timing's spread is past NOISY_SPREAD: stored flagged, replaced by a later quiet one."""
+        return is_noisy(self.spread)
 
 
 @dataclass(frozen=True)
@@ -1140,19 +1157,25 @@ class Store:
 
         A time measured here is the truth for its key: a measured record replaces an imported or shipped
         one whatever their times, and an imported or shipped record never replaces a measured one (returns
-        None: kept local). Between records of the same standing the faster wins (a tie keeps the
-        incumbent). Returns True if stored, False if slower.
+        None: kept local). Between records of the same standing a quiet one replaces a noisy one (spread
+        past NOISY_SPREAD) even when slower, a noisy one never replaces a quiet one, and otherwise the
+        faster wins (a tie keeps the incumbent). Returns True if stored, False if kept.
         """
         current = next(
-            iter(self._table("winners").rows_where("key_id = ?", [rec.key.id], select="ms, source")), None
+            iter(self._table("winners").rows_where("key_id = ?", [rec.key.id], select="ms, source, spread")),
+            None,
         )
         if current is not None:
             measured_now = current["source"] not in ("imported", "shipped")
             measured_new = rec.provenance.source == "measured"
             if measured_now and not measured_new:
                 return None
-            if measured_now == measured_new and current["ms"] <= rec.ms:
-                return False
+            if measured_now == measured_new:
+                noisy_now, noisy_new = is_noisy(self._stored_spread(current)), is_noisy(rec.spread)
+                if noisy_new and not noisy_now:
+                    return False
+                if noisy_now == noisy_new and current["ms"] <= rec.ms:
+                    return False
         dense_ms = rec.dense_ms
         if dense_ms is None:
             base = next(
@@ -1190,8 +1213,10 @@ class Store:
         """Make this the winner for ``key`` unless a faster (or equally fast) one is stored; True if stored.
 
         A measured record (the default provenance) always replaces an imported or shipped winner: the time
-        measured here is the truth for its key. ``dense_ms`` defaults to the stored dense baseline for the
-        key, if any; ``spread`` is the relative interquartile range of the timing samples (None: unknown).
+        measured here is the truth for its key. A noisy winner (spread past NOISY_SPREAD) gives way to a
+        quiet measurement even a slower one, and a noisy measurement never replaces a quiet winner.
+        ``dense_ms`` defaults to the stored dense baseline for the key, if any; ``spread`` is the relative
+        interquartile range of the timing samples (None: unknown).
         """
         canonical = check_winner(key, impl, dict(config), ms, dense_ms)
         rec = WinnerRecord(
@@ -1265,12 +1290,32 @@ class Store:
             key=key,
             impl=row["impl"],
             config=self._config("winners", row["config"]),
-            ms=float(row["ms"]),
-            dense_ms=None if row["dense_ms"] is None else float(row["dense_ms"]),
+            ms=self._number("winners", row, "ms"),
+            dense_ms=self._number("winners", row, "dense_ms", optional=True),
             provenance=prov,
             spread=self._spread("winners", row),
             origin=row.get("origin") if source == "imported" else None,
         )
+
+    def _number(self, table: str, row: dict[str, Any], field: str, *, optional: bool = False) -> Any:
+        """A stored time as a float; a value that is not a number is an invalid row (CacheError)."""
+        value = row[field]
+        if value is None and optional:
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise CacheError(
+                f"sae-tune cache {self.path}: invalid row in {table}: {field}: not a number: {_show(value)}"
+            ) from None
+
+    @staticmethod
+    def _stored_spread(row: Mapping[str, Any]) -> float | None:
+        """An incumbent's spread for the replacement rule; an unreadable value counts as unknown."""
+        try:
+            return check_spread("spread", row.get("spread"))
+        except FieldError:
+            return None
 
     def _spread(self, table: str, row: dict[str, Any]) -> float | None:
         """The row's spread (None in rows written before schema version 2)."""
@@ -1316,7 +1361,7 @@ class Store:
                     key=row_key,
                     impl=row["impl"],
                     config=self._config("trials", row["config"]),
-                    ms=None if row["ms"] is None else float(row["ms"]),
+                    ms=self._number("trials", row, "ms", optional=True),
                     ok=bool(row["ok"]),
                     error=row["error"],
                     study=row["study"],
@@ -1338,7 +1383,7 @@ class Store:
                     key=row_key,
                     impl=row["impl"],
                     config=self._config("baselines", row["config"]),
-                    ms=float(row["ms"]),
+                    ms=self._number("baselines", row, "ms"),
                     provenance=prov,
                     spread=self._spread("baselines", row),
                 )

@@ -48,16 +48,25 @@ TABLE_NAMES = (
     type=click.Path(file_okay=False),
     default="sae-tune-bench",
     show_default=True,
-    help="Folder for bench.md, bench.csv and the PNG plots.",
+    help="Folder for bench.md, bench.csv and the PNG plots (each table written as soon as it is done).",
 )
-def bench_command(device: str | None, quick: bool, tables: tuple[str, ...], out_dir: str) -> None:
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Keep the tables a stopped run of the same configuration already wrote into --out; measure only "
+    "the rest.",
+)
+def bench_command(
+    device: str | None, quick: bool, tables: tuple[str, ...], out_dir: str, resume: bool
+) -> None:
     """Reproduce the sparse-decode tables on this device: dense vs library sparse paths vs (on CUDA)
     every Triton kernel mode and the dispatcher, with L0, width and batch sweeps, real SAE shapes, peak
     memory and achieved bandwidth; and the whole SAELens SAE forward (unpatched, decoder routed, sparse
     end to end)."""
     import torch
 
-    from sae_tune.bench import FULL, QUICK, run_bench, write_outputs
+    from sae_tune.bench import FULL, QUICK, run_bench
+    from sae_tune.bench.output import BenchOutput, OutputError
     from sae_tune.bench.report import HEADINGS, SECTIONS
 
     if device is None:
@@ -69,11 +78,21 @@ def bench_command(device: str | None, quick: bool, tables: tuple[str, ...], out_
     def log(message: str) -> None:
         click.echo(f"[{time.perf_counter() - started:6.1f} s] {message}", err=True)
 
-    result = run_bench(config, device, tables=tuple(dict.fromkeys(tables)) or None, log=log)
+    output = BenchOutput(out_dir, resume=resume)
+    log(output.describe())
+    chosen = tuple(dict.fromkeys(tables)) or None
     try:
-        files = write_outputs(result, out_dir)
-    except OSError as exc:
-        raise click.ClickException(f"--out {out_dir}: cannot write the results: {exc}") from exc
+        result = run_bench(config, device, tables=chosen, log=log, output=output)
+        files = output.write(result)
+    except OutputError as exc:
+        raise click.ClickException(f"--out {out_dir}: {exc}") from exc
+    except KeyboardInterrupt:
+        click.echo(
+            f"stopped: the tables done are in {out_dir} (bench.md, bench.csv, tables/); "
+            "run the same command with --resume to measure only the rest",
+            err=True,
+        )
+        raise
     present = {r.table for r in result.measurements}
     for table in ECHOED:
         if table in present:

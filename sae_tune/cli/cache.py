@@ -8,17 +8,13 @@ file, a cache this user may not write).
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
-from sae_tune.cache.share import (
-    ConfigFileError,
-    ConfigFileUnreadable,
-    NoSuchDevice,
-    import_file,
-    write_export,
-)
-from sae_tune.cache.store import CacheError, CacheReadOnlyError, Store, format_ms
+if TYPE_CHECKING:  # the cache modules import sqlite-utils (and through it pandas) and the targets (torch):
+    # imported when a command runs, so that `sae-tune --help` and `sae-tune cache --help` start fast
+    from sae_tune.cache.store import CacheError, Store
 
 cache_option = click.option("--cache", type=click.Path(), help="SQLite cache file [env SAE_TUNE_CACHE].")
 
@@ -30,11 +26,15 @@ class CannotRun(click.ClickException):
 
 
 def _cache_error(exc: CacheError) -> click.ClickException:
+    from sae_tune.cache.store import CacheReadOnlyError
+
     return CannotRun(str(exc)) if isinstance(exc, CacheReadOnlyError) else click.ClickException(str(exc))
 
 
 def open_store(cache: str | None, *, write: bool = True) -> Store:
     """The cache for a command; ``write=False`` opens someone else's cache read-only instead of failing."""
+    from sae_tune.cache.store import CacheError, Store
+
     try:
         return Store(cache) if write else Store.for_reading(cache)
     except CacheError as exc:
@@ -53,9 +53,14 @@ def show(cache: str | None, as_json: bool) -> None:
     """Counts, and the winner of every key, decode and encode (time ± relative spread of its samples)."""
     from tabulate import tabulate
 
+    from sae_tune.cache.store import CacheError, format_ms
+
     with open_store(cache, write=False) as store:
-        summary = store.summary()
-        winners = store.winners(op=None)
+        try:
+            summary = store.summary()
+            winners = store.winners(op=None)
+        except CacheError as exc:  # a row that is not valid (an edited or damaged file)
+            raise _cache_error(exc) from exc
     if as_json:
         summary["winners_list"] = [
             {
@@ -64,6 +69,7 @@ def show(cache: str | None, as_json: bool) -> None:
                 "config": w.config,
                 "ms": w.ms,
                 "spread": w.spread,
+                "noisy": w.noisy,
                 "dense_ms": w.dense_ms,
                 "source": w.provenance.source,
                 "origin": w.origin,
@@ -88,7 +94,7 @@ def show(cache: str | None, as_json: bool) -> None:
             w.impl,
             json.dumps(w.config, sort_keys=True),
             format_ms(w.ms, w.spread),
-            "-" if w.speedup is None else f"{w.speedup:.2f}x",
+            "-" if w.speedup is None else f"{w.speedup:.2f}x" + (" (noisy)" if w.noisy else ""),
             w.provenance.source if w.origin is None else f"imported from {w.origin}",
         )
         for w in winners
@@ -116,6 +122,8 @@ def show(cache: str | None, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask.")
 def clear(cache: str | None, yes: bool) -> None:
     """Forget every trial, winner and baseline."""
+    from sae_tune.cache.store import CacheError
+
     with open_store(cache) as store:
         if not yes:
             s = store.summary()
@@ -139,11 +147,18 @@ def clear(cache: str | None, yes: bool) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 def export(cache: str | None, device_name: str | None, output: str) -> None:
     """Write the winners to a versioned JSON file, with provenance, to share per GPU model."""
+    from sae_tune.cache.share import ConfigFileError, NoSuchDevice, write_export
+    from sae_tune.cache.store import CacheError
+
     with open_store(cache, write=False) as store:
         try:
             payload = write_export(output, store, device_name)
         except NoSuchDevice as exc:
             raise CannotRun(str(exc)) from exc
+        except CacheError as exc:  # a row that is not valid (an edited or damaged file)
+            raise _cache_error(exc) from exc
+        except ConfigFileError as exc:  # a stored winner that a config file may not hold: nothing written
+            raise click.ClickException(f"{store.path}: cannot export: {exc}") from exc
         except OSError as exc:
             raise CannotRun(f"cannot write {output}: {exc.strerror or exc}") from exc
     click.echo(f"wrote {len(payload['records'])} records to {output}")
@@ -154,6 +169,9 @@ def export(cache: str | None, device_name: str | None, output: str) -> None:
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def import_(cache: str | None, path: str) -> None:
     """Merge a shared config file; a key measured here keeps its own winner; a bad file stores nothing."""
+    from sae_tune.cache.share import ConfigFileError, ConfigFileUnreadable, import_file
+    from sae_tune.cache.store import CacheError
+
     with open_store(cache) as store:
         try:
             result = import_file(store, path)

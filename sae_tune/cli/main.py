@@ -1,6 +1,14 @@
-"""Entry point of the ``sae-tune`` command: the main job on the group, the rest as subcommands."""
+"""Entry point of the ``sae-tune`` command: the main job on the group, the rest as subcommands.
+
+Loading the command line imports nothing heavy (no torch, numpy, pandas, Triton or Optuna): each command
+imports what it needs when it runs, so ``sae-tune --help``, ``sae-tune list`` and every ``--help`` start
+in a fraction of a second (tests/test_cli_light.py).
+"""
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 import click
 
@@ -12,8 +20,53 @@ from sae_tune.cli.selftest import selftest_command
 from sae_tune.cli.specs import list_command
 from sae_tune.cli.tune import run_tune, tune_options
 
+# Errors whose message is meant for the user (a value that cannot be used, a cache that cannot be used),
+# by module and class name, so that catching them imports nothing. A command turns the ones it expects
+# into usage errors naming the option; any other reaches the user as "Error: <message>", never as a
+# traceback: exit status 2 where the command cannot run as given (a cache this user may not write, as
+# `sae-tune cache` says), else 1.
+USER_ERRORS = {
+    "sae_tune.cache.store": ("CacheError", "FieldError"),
+    "sae_tune.cache.share": ("ConfigFileError", "NoSuchDevice"),
+    "sae_tune.specs": ("SpecError",),
+    "sae_tune.autotune.search": ("TuneError", "WorkloadTooLarge"),
+    "sae_tune.autotune.workload": ("WorkloadError",),
+    "sae_tune.targets.base": ("ConfigFieldError",),
+    "sae_tune.artefacts": ("UnsafeArtefactDir",),
+}
+_CANNOT_RUN = {("sae_tune.cache.store", "CacheReadOnlyError")}
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+
+def user_error(exc: BaseException) -> click.ClickException | None:
+    """The one-line error to show for ``exc`` when it is one of ``USER_ERRORS``, else None."""
+    for module_name, names in USER_ERRORS.items():
+        module = sys.modules.get(module_name)  # not imported: ``exc`` cannot be one of its errors
+        if module is None or not isinstance(exc, tuple(getattr(module, n) for n in names)):
+            continue
+        message = " ".join(str(exc).split("\n")) or type(exc).__name__
+        error = click.ClickException(message)
+        if any(isinstance(exc, getattr(sys.modules[m], n)) for m, n in _CANNOT_RUN if m in sys.modules):
+            error.exit_code = 2
+        return error
+    return None
+
+
+class MainGroup(click.Group):
+    """The ``sae-tune`` group: a user's mistake that no command caught is one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            error = user_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+
+@click.group(
+    cls=MainGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, prog_name="sae-tune")
 @tune_options
 @click.pass_context

@@ -1,20 +1,55 @@
-"""Click options shared by commands: variant fields and dtypes, validated into typed values."""
+"""Click options shared by commands: variant fields and dtypes, validated into typed values.
+
+Building these options imports nothing heavy (no torch, no kernel targets), so that ``--help`` and the
+commands that need no tensor start fast; the values are typed (``Variant``, ``torch.dtype``) when a
+command runs.
+"""
 
 from __future__ import annotations
 
 import functools
 import re
 from collections.abc import Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
-from sae_tune.targets.triton.variant import ALLOCS, OVERFLOWS, Variant
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
-_VARIANT_DEFAULTS = Variant()
+# Variant's choices and defaults as the options show them. sae_tune.targets.triton.variant holds the truth
+# (importing it imports torch and every target); tests/test_cli_light.py checks that these equal it.
+ALLOCS = ("chunked", "exact", "fixed")
+OVERFLOWS = ("validate", "fallback", "unchecked")
+_VARIANT_DEFAULTS = SimpleNamespace(
+    alloc="chunked",
+    overflow="fallback",
+    max_l0=128,
+    block_f=1024,
+    block_d=256,
+    block_l=8,
+    num_warps=2,
+    num_warps_build=4,
+    num_stages=2,
+    chunk_slots=8,
+    unit_chunks=8,
+)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype value (one of ``DTYPE_NAMES``)."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # the name -> torch.dtype table, built on first use (it imports torch)
+        return {n: torch_dtype(n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,9 +59,14 @@ def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--alloc", type=click.Choice(ALLOCS), default=_VARIANT_DEFAULTS.alloc, show_default=True
         ),
         click.option(
-            "--overflow", type=click.Choice(OVERFLOWS), default=None, help="--alloc fixed only [fallback]"
+            "--overflow",
+            type=click.Choice(OVERFLOWS),
+            default=None,
+            help=f"--alloc fixed only [{_VARIANT_DEFAULTS.overflow}]",
         ),
-        click.option("--max-l0", type=int, default=None, help="--alloc fixed only [128]"),
+        click.option(
+            "--max-l0", type=int, default=None, help=f"--alloc fixed only [{_VARIANT_DEFAULTS.max_l0}]"
+        ),
         click.option(
             "--chunk-slots",
             type=int,
@@ -48,6 +88,8 @@ def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
+        from sae_tune.targets.triton.variant import Variant
+
         names = [f for f in Variant.__dataclass_fields__ if f in kwargs]
         values = {f: kwargs.pop(f) for f in names}
         values = {k: v for k, v in values.items() if v is not None}
@@ -65,13 +107,15 @@ def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def dtype_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)(
+    return click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True)(
         command
     )
 
 
 def available_devices(*, indexed: bool = True) -> list[str]:
     """The devices this machine has: cpu, and cuda (with cuda:N per GPU when ``indexed``) if present."""
+    import torch
+
     names = ["cpu"]
     if torch.cuda.is_available():
         names.append("cuda")
@@ -92,6 +136,8 @@ class DeviceType(click.ParamType):
         return "[cpu|cuda" + ("|cuda:N]" if self.indexed else "]")
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        import torch
+
         if isinstance(value, torch.device):
             value = str(value)
         text = str(value).strip().lower()

@@ -17,14 +17,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
 from sae_tune.cli.options import DeviceType
 
-# relative to |acts| @ |W_dec| + |b_dec| (fp32 accumulation, one rounding to the output dtype)
-TOLERANCE = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+if TYPE_CHECKING:
+    import torch
+
+# relative to |acts| @ |W_dec| + |b_dec| (fp32 accumulation, one rounding to the output dtype), by dtype
+# name (torch is imported when the selftest runs, not when the command line loads)
+TOLERANCE = {"float32": 2e-6, "float16": 1e-3, "bfloat16": 8e-3}
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ def family_variants() -> list:
 def cases(full: bool) -> Iterator[Case]:
     """The short subset (every family x dtype on a shape with empty, light and over-full tokens), or with
     ``full`` also the shape grid."""
+    import torch
+
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     for variant, dtype in itertools.product(family_variants(), dtypes):
         yield Case(variant, dtype, 700, 130, (0, 3, 700, 40, 17), True)
@@ -71,6 +77,8 @@ def cases(full: bool) -> Iterator[Case]:
 
 def run_case(case: Case, device: torch.device) -> str | None:
     """None when the result matches the fp64 reference within the dtype's tolerance, else why not."""
+    import torch
+
     from sae_tune.inputs import check_decode_inputs
     from sae_tune.targets.triton.launch import run_variant
 
@@ -90,7 +98,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
     ref, scale = acts @ W, acts.abs() @ W.abs()
     if b_d is not None:
         ref, scale = ref + b_d.double().cpu(), scale + b_d.double().cpu().abs()
-    tol = TOLERANCE[case.dtype] * scale + torch.finfo(case.dtype).tiny
+    tol = TOLERANCE[str(case.dtype).removeprefix("torch.")] * scale + torch.finfo(case.dtype).tiny
     excess = ((out - ref).abs() - tol).max().item()
     return None if excess <= 0 else f"error exceeds the tolerance by {excess:.3g}"
 
@@ -118,6 +126,8 @@ def encode_inputs(
     (multiples of 1/8 below 32) and never equal a cut (thresholds at odd multiples of 1/16): every correct
     encode gives the same non-zeros and values, bit for bit. Token 1 fires every feature, token 2 none.
     Returns the problem and the exact pre-activations and cut (fp64, on CPU)."""
+    import torch
+
     from sae_tune.targets.base import EncodeProblem
 
     gen = torch.Generator().manual_seed(7)
@@ -143,6 +153,8 @@ def encode_inputs(
 def encode_cases(device: torch.device) -> list[EncodeCase]:
     """Every target's encode candidates that can run on ``device`` (its default and, for the Triton encode,
     one with slots too few for its pairs), for ReLU and JumpReLU in the three dtypes."""
+    import torch
+
     from sae_tune.targets import TARGETS
     from sae_tune.targets.base import EncodeRequest
     from sae_tune.targets.triton import ENCODE_IMPL
@@ -171,6 +183,8 @@ def encode_cases(device: torch.device) -> list[EncodeCase]:
 
 def run_encode_case(case: EncodeCase, device: torch.device) -> str | None:
     """None when the encode's CSR holds exactly the non-zeros and values of the exact pre-activations."""
+    import torch
+
     problem, pre, cut = encode_inputs(case.dtype, case.activation, device)
     offsets, indices, values = case.target.encode(case.impl, case.config, problem)  # type: ignore[attr-defined]
     fired = pre > cut
@@ -254,6 +268,8 @@ def _interpreter_for_cpu(device: torch.device) -> str | None:
 @click.option("--tune-seconds", type=click.FloatRange(0.1), default=5.0, show_default=True)
 def selftest_command(device: str | None, full: bool, no_tune: bool, tune_seconds: float) -> None:
     """Check the kernels on this device, run a quick tune, print one verdict (exit 1 on a failure)."""
+    import torch
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     problem = _interpreter_for_cpu(dev)
     if problem is not None:

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from sae_tune.artefacts import UnsafeArtefactDir
-from sae_tune.cli.options import DTYPES, DeviceType
+from sae_tune.cli.options import DTYPE_NAMES, DeviceType, torch_dtype
 
 TABLE_HEADERS = (
     "batch",
@@ -138,6 +137,22 @@ def _apply_overrides(resolved: ResolvedSpec, l0, arch, k, spec_from_shape) -> Re
     return resolved
 
 
+def _check_cache_limits(spec: Any, sizes: tuple[int, ...] | list[int], *, from_sae: bool) -> None:
+    """Refuse, before anything is measured, a shape or batch size the cache cannot key (CacheKey's bounds):
+    otherwise the first result to be stored would fail after minutes of tuning."""
+    from sae_tune.cache.store import MAX_BATCH_BUCKET, MAX_D, MAX_F, batch_bucket
+
+    if spec.width > MAX_F:
+        option = "--sae" if from_sae else "--width"
+        raise _bad(option, f"width {spec.width} exceeds the {MAX_F} features the cache can key")
+    if spec.d_model > MAX_D:
+        option = "--sae" if from_sae else "--d-model"
+        raise _bad(option, f"d_model {spec.d_model} exceeds the {MAX_D} the cache can key")
+    for b in sizes:
+        if batch_bucket(b) > MAX_BATCH_BUCKET:
+            raise _bad("--batch-size", f"{b} exceeds the {MAX_BATCH_BUCKET} tokens the cache can key")
+
+
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -145,15 +160,23 @@ def _ratio(x: float | None) -> str:
 def format_table(results) -> str:
     from tabulate import tabulate
 
+    from sae_tune.cache.store import is_noisy
+
+    def ms(value: float, spread: float | None) -> str:
+        return f"{value:.3f} ±{spread * 100:.0f}% (noisy)" if is_noisy(spread) else f"{value:.3f}"
+
+    def noisy(text: str, r) -> str:  # a ratio of noisy times is not a speedup: say so
+        return f"{text} (noisy)" if r.noisy and text != "-" else text
+
     rows = [
         (
             r.batch_size,
             r.best.label,
-            f"{r.best_ms:.3f}",
-            f"{r.dense_ms:.3f}",
-            _ratio(r.speedup),
-            _ratio(r.versus("sparse_csr")),
-            _ratio(r.versus("embedding_bag_csr")),
+            ms(r.best_ms, r.best_spread),
+            ms(r.dense_ms, r.dense_spread),
+            noisy(_ratio(r.speedup), r),
+            noisy(_ratio(r.versus("sparse_csr")), r),
+            noisy(_ratio(r.versus("embedding_bag_csr")), r),
             f"{r.trials} ({r.failed} failed)",
         )
         for r in results
@@ -186,6 +209,8 @@ def run_tune(
     as_json: bool,
     retune: bool = False,
 ) -> None:
+    import torch
+
     from sae_tune.autotune.search import (
         TuneError,
         WorkloadTooLarge,
@@ -203,6 +228,7 @@ def run_tune(
         click.echo(f"note: {resolved.l0_source}; assumed L0={spec.l0} (give --l0 to set it)", err=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = batch_sizes or default_batch_sizes(dev)
+    _check_cache_limits(spec, sizes, from_sae=sae is not None)
     acts = None
     if acts_path is not None:
         try:
@@ -265,6 +291,11 @@ def run_tune(
         if encoded:
             click.echo(format_encode_table(encoded))
             click.echo("encode ms: median time of sparse_encode's candidates, timed interleaved in one run.")
+        if any(r.noisy for r in [*results, *encoded]):
+            click.echo(
+                "(noisy): samples spread past half their median (a busy machine); such a winner is stored "
+                "flagged and replaced by the next quiet measurement, and its ratios are not speedups."
+            )
 
 
 def activation_for(spec: Any) -> str:
@@ -307,14 +338,19 @@ def _tune_encode(spec, tuner, store, sizes, seed, retune, phase) -> list:
 def format_encode_table(results) -> str:
     from tabulate import tabulate
 
+    from sae_tune.cache.store import is_noisy
+
+    def flag(text: str, noisy: bool) -> str:  # a noisy time, and a ratio of one, is not a speed
+        return f"{text} (noisy)" if noisy and text != "-" else text
+
     rows = [
         (
             r.batch_size,
             r.key.op,
             r.best.label,
-            f"{r.best_ms:.3f}",
-            "-" if r.default_ms is None else f"{r.default_ms:.3f}",
-            _ratio(None if r.default_ms is None else r.default_ms / r.best_ms),
+            flag(f"{r.best_ms:.3f}", is_noisy(r.best_spread)),
+            "-" if r.default_ms is None else flag(f"{r.default_ms:.3f}", is_noisy(r.default_spread)),
+            flag(_ratio(None if r.default_ms is None else r.default_ms / r.best_ms), r.noisy),
             f"{len(r.times)} ({len(r.failed)} failed)",
         )
         for r in results
@@ -337,13 +373,14 @@ def _tune_sizes(
         tuner = Tuner(
             spec,
             device=dev,
-            dtype=DTYPES[dtype],
+            dtype=torch_dtype(dtype),
             store=store,
             acts=acts,
             seed=seed,
             storage=study_storage,
             phase=phase,
             retune=retune,
+            notice=lambda message: click.echo(f"note: {message}", err=True),
         )
     except (RuntimeError, MemoryError) as exc:  # W_dec of this shape does not fit on the device
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -395,7 +432,7 @@ def tune_options(command):
             type=DeviceType(),
             help="cpu, cuda or cuda:N [default: cuda if available, else cpu].",
         ),
-        click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True),
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True),
         click.option(
             "--batch-size",
             "batch_sizes",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-SOURCES = ("cache", "nearest", "shipped", "model", "dense")
+SOURCES = ("cache", "nearest", "shipped", "model", "dense", "csr")
 
 
 class DispatchWarning(UserWarning):
@@ -24,7 +24,8 @@ class Decision:
     config          the parameters it runs with (the target's variant as a dict), read-only.
     source          where the choice came from: "cache" (tuned here, this batch bucket), "nearest"
                     (tuned here, another batch bucket or software version), "shipped" (per-GPU file),
-                    "model" (cost model) or "dense" (nothing else applies).
+                    "model" (cost model), "dense" (nothing else applies) or "csr" (a ``SparseActs``,
+                    decoded straight from its CSR: nothing to choose).
     reason          one line saying why.
     """
 

@@ -19,7 +19,14 @@ Everything is decided once per (device, dtype, F, D, batch bucket, promise) and 
 file is read on first use and again only after ``reload()``. Each option is verified against the exact
 product on first use; one that fails is skipped, with a ``DispatchWarning``, for the rest of the process.
 A batch whose result overflows the output dtype cannot decide: it runs dense and the option is verified
-again on the next call.
+again on the next call. An option whose error grows with the non-zeros per token (a 16-bit accumulation:
+``Target.density_sensitive``) is trusted only up to the largest per-token L0 it was verified at; a denser
+batch verifies it again (one count per call, only for such options).
+
+Every combination the dense expression takes gets its result: a bias of another dtype than W_dec, or of
+a shape that broadcasts (``()``, ``(1, D)``, ``(B, D)`` ...), is added by torch after the product, which
+the chosen path computes in W_dec's dtype, exactly as ``acts @ W_dec + b_dec`` rounds and promotes. Other
+device types than CPU and CUDA (``mps``, ``xpu``, ``meta`` ...) are left to torch, and ``explain`` says so.
 
 Under ``torch.autocast`` a call gives the dtype ``acts @ W_dec`` gives there: the activations are cast as
 autocast would cast them; when W_dec itself would need casting, the call is left to torch (autocast
@@ -40,12 +47,14 @@ from typing import Any
 
 import torch
 
+from sae_tune import forksafe
 from sae_tune.dispatch import costmodel
 from sae_tune.dispatch.decision import Decision, DispatchWarning, Option
 from sae_tune.dispatch.grad import DecodeFn, needs_grad, with_dense_backward
 from sae_tune.dispatch.identity import device_identity
 from sae_tune.dispatch.runtime import build, gate, verify
-from sae_tune.inputs import DecodeInputs, autocast_cast, autocast_dtype, check_decode_inputs
+from sae_tune.inputs import DecodeInputs, autocast_cast, autocast_dtype, bias_after, check_decode_inputs
+from sae_tune.sparse_acts import SparseActs
 from sae_tune.targets import GENERATED, TARGETS, CallFacts, target_of
 
 log = logging.getLogger("sae_tune")
@@ -68,6 +77,7 @@ def bypass_reason(*tensors: Any) -> str | None:
         return "a torch.func transform is active"
     if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return "forward-mode AD is active"
+    other_device = None
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue  # None bias, or a wrong type that the input checks report
@@ -77,8 +87,10 @@ def bypass_reason(*tensors: Any) -> str | None:
         if t.layout is not torch.strided:
             return f"{t.layout} inputs"
         if not (t.is_cpu or t.is_cuda):
-            return f"device type {t.device.type}"
-    return None
+            other_device = f"device type {t.device.type}"
+    # inputs on different devices are a ValueError naming them (the checks), not torch's error
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0}
+    return other_device if len(devices) <= 1 else None
 
 
 def _dense_expression(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
@@ -148,6 +160,8 @@ class Dispatcher:
         self._index: Any = None
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._trust: dict[tuple[Any, ...], bool] = {}
+        self._trust_l0: dict[tuple[Any, ...], int] = {}  # density-sensitive options: L0 verified up to
+        self._sensitive: dict[tuple[str, str, torch.dtype], bool] = {}
         self._fns: dict[tuple[str, str], DecodeFn] = {}
         self._checked: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
@@ -206,6 +220,17 @@ class Dispatcher:
     def _trust_key(self, option: Option, inputs: DecodeInputs) -> tuple[Any, ...]:
         return (inputs.acts.device, inputs.acts.dtype, inputs.F, inputs.D, *option.what)
 
+    def _density_sensitive(self, option: Option, dtype: torch.dtype) -> bool:
+        key = (*option.what, dtype)
+        known = self._sensitive.get(key)
+        if known is None:
+            try:
+                known = target_of(option.impl).density_sensitive(option.impl, option.config, dtype)
+            except ValueError:
+                known = False
+            self._sensitive[key] = known
+        return known
+
     def _fn(self, option: Option) -> DecodeFn:
         fn = self._fns.get(option.what)
         if fn is None:
@@ -254,8 +279,16 @@ class Dispatcher:
         """The option for this call; with ``run``, unverified options are verified (their output is
         returned so the first call does not compute twice)."""
         plan, key = self._plan_for(inputs, ctx)
-        if plan.settled is not None:
-            return plan.settled, None
+        settled = plan.settled
+        if settled is not None:
+            if not (run and self._density_sensitive(settled, inputs.acts.dtype)):
+                return settled, None
+            ok, out = self._trusted(settled, inputs, run)  # verified again if this batch is denser
+            if ok is None:
+                return _undecided(settled), None
+            if ok:
+                return settled, out
+            plan.settled = None  # wrong on a denser batch: choose again without it
         for tier in plan.tiers:
             while True:
                 live = [o for o in tier if self._trust.get(self._trust_key(o, inputs)) is not False]
@@ -292,6 +325,9 @@ class Dispatcher:
         batch could not decide (its result overflows), so the option stays unverified."""
         tkey = self._trust_key(option, inputs)
         known = self._trust.get(tkey)
+        sensitive = self._density_sensitive(option, inputs.acts.dtype)
+        if known and sensitive and run and _max_l0(inputs) > self._trust_l0.get(tkey, -1):
+            known = None  # denser than any batch it was verified on: verify again
         if known is not None or not run:
             return known is not False, None
         try:
@@ -299,11 +335,13 @@ class Dispatcher:
         except Exception as exc:
             out, why = None, f"cannot be built: {type(exc).__name__}: {exc}"
         else:
-            result = verify(fn, inputs)
+            result = verify(fn, inputs, densest=sensitive)
             if not result.decided:
                 log.debug("sae_tune dispatch: %s unverified on this batch: %s", option.label, result.problem)
                 return None, None
             out, why = result.out, result.problem
+            if sensitive and not why and result.l0 is not None:
+                self._trust_l0[tkey] = max(result.l0, self._trust_l0.get(tkey, -1))
         self._trust[tkey] = not why
         if why:
             warnings.warn(
@@ -344,6 +382,9 @@ class Dispatcher:
         k = _check_k(k)
         if bypass_reason(feature_acts, W_dec, b_dec) is not None or _empty(feature_acts):
             return _dense_expression(feature_acts, W_dec, b_dec)
+        if isinstance(feature_acts, torch.Tensor) and bias_after(feature_acts.shape[:-1], W_dec, b_dec):
+            # the product through the chosen path, then torch's own promoting, broadcasting add
+            return self.decode(feature_acts, W_dec, None, k=k, allow_truncation=allow_truncation) + b_dec
         acts, autocast_why = _autocast_step(feature_acts, W_dec)
         if autocast_why is not None:
             return _dense_expression(feature_acts, W_dec, b_dec)
@@ -385,9 +426,19 @@ class Dispatcher:
         k: int | None = None,
         allow_truncation: bool = False,
     ) -> Decision:
-        """What ``decode`` would run for these inputs, from where, and why (also logged at DEBUG)."""
+        """What ``decode`` would run for these inputs, from where, and why (also logged at DEBUG).
+
+        It takes what ``sparse_decode`` takes, a ``SparseActs`` included (checked by the same code: it is
+        decoded once, with the cost of the call it explains)."""
         k = _check_k(k)
+        if isinstance(feature_acts, SparseActs):
+            return _explain_sparse_acts(feature_acts, W_dec, b_dec, k, allow_truncation)
         why = bypass_reason(feature_acts, W_dec, b_dec)
+        if why is None and not _empty(feature_acts) and isinstance(feature_acts, torch.Tensor):
+            after = bias_after(feature_acts.shape[:-1], W_dec, b_dec)
+            if after is not None:
+                product = self.explain(feature_acts, W_dec, None, k=k, allow_truncation=allow_truncation)
+                return dataclasses.replace(product, reason=f"{product.reason}; {after}")
         if why is None and not _empty(feature_acts):
             feature_acts, why = _autocast_step(feature_acts, W_dec)
         if why is not None:
@@ -401,11 +452,25 @@ class Dispatcher:
             if option.source == "model":
                 option = self._model_for_batch(option, inputs, ctx)
             decision = option.decision()
+            note = _build_note(target_of(decision.implementation), inputs.acts.device)
+            if note and option.source != "model":  # the model's reason already names every build note
+                decision = dataclasses.replace(decision, reason=f"{decision.reason}; {note}")
             if decision.implementation != "dense" and needs_grad(feature_acts, W_dec, b_dec):
                 note = "; gradients through the dense product's backward"
                 decision = Decision(
                     decision.implementation, decision.config, decision.source, decision.reason + note
                 )
+            notes = []
+            if self._density_sensitive(option, inputs.acts.dtype):
+                l0 = self._trust_l0.get(self._trust_key(option, inputs))
+                upto = f"verified up to {l0} non-zeros per token" if l0 is not None else "not verified yet"
+                notes.append(
+                    f"its 16-bit accumulation drifts with L0: {upto}, a denser batch is verified again"
+                )
+            if forksafe.reason() is not None and inputs.acts.is_cpu:
+                notes.append(str(forksafe.reason()))
+            if notes:
+                decision = dataclasses.replace(decision, reason="; ".join((decision.reason, *notes)))
         log.debug("sae_tune explain: %s", decision)
         return decision
 
@@ -422,16 +487,52 @@ class Dispatcher:
         return _noting(dataclasses.replace(option, reason=reason), plan.skipped)
 
 
+def _explain_sparse_acts(
+    acts: SparseActs, W_dec: Any, b_dec: Any, k: int | None, allow_truncation: bool
+) -> Decision:
+    """A SparseActs is decoded straight from its CSR, whatever the dispatcher knows: the decision says so
+    after the inputs passed the checks ``sparse_decode`` makes (by running it)."""
+    from sae_tune.decode import sparse_decode
+
+    if type(allow_truncation) is not bool:
+        raise TypeError(f"allow_truncation must be True or False, got {allow_truncation!r}")
+    with torch.no_grad():
+        sparse_decode(acts, W_dec, b_dec)
+    reason = (
+        "a SparseActs is decoded straight from its CSR (F.embedding_bag over its offsets, indices and "
+        "values): there is no scan to choose"
+    )
+    if k is not None or allow_truncation:
+        reason += "; k and allow_truncation do not apply (every stored non-zero is summed)"
+    after = bias_after(tuple(acts.lead_shape or ()), W_dec, b_dec)
+    if after is not None:
+        reason += f"; {after}"
+    return Decision("embedding_bag_csr", DENSE_CONFIG, "csr", reason)
+
+
+def _build_note(target: Any, device: torch.device) -> str | None:
+    """The target's short note on how it builds here (e.g. "serial build (no OpenMP): 1 thread"), if any."""
+    return target.build_note(device)
+
+
 def _unavailable(device: torch.device) -> str:
-    """Why generated targets meant for this device type cannot run here (e.g. no C compiler), for the
-    cost model's reason; empty when they all can."""
+    """Why generated targets meant for this device type cannot run here (e.g. "no C compiler: library paths
+    only") or run limited (a serial build), for the cost model's reason; empty when they all run fully."""
     notes = []
     for target in GENERATED:
         if device.type in target.timed_kinds:
-            reason = target.available(device)
+            reason, note = target.available(device), _build_note(target, device)
             if reason is not None:
-                notes.append(f"{target.name} target unavailable: {reason}")
+                detail = f"{target.name} target unavailable: {reason}"
+                notes.append(f"{note} ({detail})" if note else detail)
+            elif note:
+                notes.append(note)
     return "".join(f"; {n}" for n in notes)
+
+
+def _max_l0(inputs: DecodeInputs) -> int:
+    """Most non-zeros of one token of the batch (one count; a host sync on CUDA)."""
+    return int(torch.count_nonzero(inputs.acts, dim=1).max()) if inputs.n_tokens else 0
 
 
 def _mean_l0(inputs: DecodeInputs) -> float:

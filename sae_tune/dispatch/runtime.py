@@ -12,6 +12,10 @@ Verification: the first time an option runs for a (device, dtype, F, D) it is co
 product in float64 over the fired rows (``autotune.verify``); an option that raises or differs is never
 used again in the process. A batch whose result overflows the output dtype cannot decide (the dense
 product's own value depends on summation order there): the option stays unverified for the next call.
+
+Density: a path whose rounding error grows with the non-zeros per token (``Target.density_sensitive``: a
+16-bit accumulation) is verified on the densest tokens of the batch, and trusted only up to the largest
+per-token L0 it was verified at; the dispatcher verifies it again on a denser batch.
 """
 
 from __future__ import annotations
@@ -59,22 +63,30 @@ class Verification:
     out: torch.Tensor | None
     problem: str
     decided: bool = True
+    l0: int | None = None  # with ``densest``: the largest per-token L0 among the tokens checked
 
     @property
     def ok(self) -> bool:
         return self.decided and not self.problem
 
 
-def verify(fn: DecodeFn, inputs: DecodeInputs) -> Verification:
+def verify(fn: DecodeFn, inputs: DecodeInputs, *, densest: bool = False) -> Verification:
     """Run ``fn`` once and compare with the exact product.
 
-    At most ``VERIFY_TOKENS`` tokens are checked (the float64 reference copies every W_dec row they fire);
-    the output is returned for reuse only when that was the whole batch. A bias of a wider dtype than
+    At most ``VERIFY_TOKENS`` tokens are checked (the float64 reference copies every W_dec row they fire):
+    the first ones, or with ``densest`` those with the most non-zeros (their largest L0 is returned). The
+    output is returned for reuse only when that was the whole batch. A bias of a wider dtype than
     W_dec (bf16 weights, fp32 bias) is left out: the product is rounded to W_dec's dtype before the
     promotion, so only the product can be held to W_dec's tolerance (the bias add is torch's own op).
     """
     with torch.no_grad():
-        acts, W = inputs.acts[:VERIFY_TOKENS].detach(), inputs.W_dec.detach()
+        acts, W, l0 = inputs.acts[:VERIFY_TOKENS].detach(), inputs.W_dec.detach(), None
+        if densest:
+            counts = torch.count_nonzero(inputs.acts.detach(), dim=1)
+            if inputs.n_tokens > VERIFY_TOKENS:
+                rows = counts.topk(VERIFY_TOKENS).indices.sort().values
+                acts, counts = inputs.acts.detach().index_select(0, rows), counts.index_select(0, rows)
+            l0 = int(counts.max()) if counts.numel() else 0
         b = None if inputs.b_dec is None else inputs.b_dec.detach()
         promotes = b is not None and b.dtype != W.dtype
         if promotes:
@@ -91,4 +103,4 @@ def verify(fn: DecodeFn, inputs: DecodeInputs) -> Verification:
     if not verdict.ok:
         return Verification(None, f"wrong result against dense: {verdict.reason}")
     whole = not promotes and inputs.n_tokens <= VERIFY_TOKENS
-    return Verification(out if whole else None, "")
+    return Verification(out if whole else None, "", l0=l0)

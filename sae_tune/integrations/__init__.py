@@ -11,27 +11,40 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 
-from sae_tune.integrations import saelens
 from sae_tune.integrations.post_import import PostImportFinder, install, uninstall
+from sae_tune.integrations.saelens_names import MODULES as SAELENS_MODULES
 
 ENV_AUTOPATCH = "SAE_TUNE_AUTOPATCH"
 _OFF = ("0", "false", "no", "off")
 
-_finder = PostImportFinder({name: saelens.patch_module for name in saelens.MODULES})
+
+def _saelens() -> ModuleType:
+    """The SAELens wrappers, imported when a SAELens module is there to wrap (they import torch, which
+    ``import sae_tune`` and the command line leave out until something needs it)."""
+    from sae_tune.integrations import saelens
+
+    return saelens
+
+
+def _patch_on_import(module: ModuleType) -> None:
+    _saelens().patch_module(module)
+
+
+_finder = PostImportFinder({name: _patch_on_import for name in SAELENS_MODULES})
 _lock = threading.RLock()
 _wanted = False
 
 
-def _each_loaded_module(apply: Callable[[ModuleType], list[str]]) -> tuple[str, ...]:
-    """``apply`` to every SAELens module already imported; the names it changed."""
+def _each_loaded_module(action: str) -> tuple[str, ...]:
+    """``saelens.<action>`` on every SAELens module already imported; the names it changed."""
     done: list[str] = []
-    for name in saelens.MODULES:
+    for name in SAELENS_MODULES:
         module = sys.modules.get(name)
         if module is not None:
-            done += apply(module)
+            done += getattr(_saelens(), action)(module)
     return tuple(done)
 
 
@@ -44,7 +57,7 @@ def patch() -> tuple[str, ...]:
     with _lock:
         _wanted = True
         install(_finder)
-        return _each_loaded_module(saelens.patch_module)
+        return _each_loaded_module("patch_module")
 
 
 def unpatch() -> tuple[str, ...]:
@@ -53,7 +66,7 @@ def unpatch() -> tuple[str, ...]:
     with _lock:
         _wanted = False
         uninstall(_finder)
-        return _each_loaded_module(saelens.unpatch_module)
+        return _each_loaded_module("unpatch_module")
 
 
 def is_active() -> bool:

@@ -27,16 +27,8 @@ import torch
 
 from sae_tune.integrations import saelens_sparse
 from sae_tune.integrations.route import RouteDecoderMatmul, promise_row_bound
+from sae_tune.integrations.saelens_names import DECODE_CLASSES, MODULES, TOPK_ACTIVATION  # noqa: F401
 
-# module -> classes whose ``decode`` is wrapped (subclasses that do not override decode inherit it)
-DECODE_CLASSES = {
-    "sae_lens.saes.standard_sae": ("StandardSAE",),
-    "sae_lens.saes.jumprelu_sae": ("JumpReLUSAE",),
-    "sae_lens.saes.topk_sae": ("TopKSAE",),
-    # GatedSAE gates in its encoder only; its decode is the standard SAE's (matmul + b_dec, then hooks)
-    "sae_lens.saes.gated_sae": ("GatedSAE",),
-}
-TOPK_ACTIVATION = ("sae_lens.saes.topk_sae", "TopK")
 ORIGINAL = saelens_sparse.ORIGINAL
 # set on a wrapper of an attribute the class inherited: unpatching deletes it instead of restoring it
 INHERITED = "__sae_tune_inherited__"
@@ -126,6 +118,3 @@ def unpatch_module(module: ModuleType) -> list[str]:
 def is_patched(cls: type) -> bool:
     """Whether ``cls.decode`` (as found through its class hierarchy) is routed by sae-tune."""
     return hasattr(getattr(cls, "decode", None), ORIGINAL)
-
-
-MODULES = tuple(DECODE_CLASSES)

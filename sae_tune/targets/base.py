@@ -155,6 +155,11 @@ class Target(ABC):
     def available(self, device: torch.device) -> str | None:
         """None when the target can run on ``device``, else a sentence saying why not."""
 
+    def build_note(self, device: torch.device) -> str | None:
+        """A short note on how this target builds on ``device`` when it runs limited there (e.g. "serial
+        build (no OpenMP): 1 thread"), for ``explain()``; None when it builds fully or has no build."""
+        return None
+
     def timed(self, device: torch.device) -> bool:
         """Whether this target can be timed on ``device`` here, as a speed."""
         return device.type in self.timed_kinds and self.available(device) is None
@@ -204,6 +209,11 @@ class Target(ABC):
     @abstractmethod
     def build(self, impl: str, config: Mapping[str, Any]) -> DecodeFn:
         """A callable ``(acts (..., F), W_dec, b_dec) -> (..., D)`` in the dense expression's dtype."""
+
+    def density_sensitive(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> bool:
+        """True when the code's rounding error grows with the non-zeros per token (it accumulates in a
+        16-bit dtype): a verification then holds only up to the per-token L0 it was made at."""
+        return False
 
     def build_checked(self, impl: str, config: Mapping[str, Any]) -> Callable[[DecodeInputs], torch.Tensor]:
         """The decode as a function of inputs that ``check_decode_inputs`` already validated (the

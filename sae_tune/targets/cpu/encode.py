@@ -1,7 +1,8 @@
 """The CPU target's sparse encode: a library GEMM per chunk of features, then the C threshold + compaction.
 
 Per chunk the pre-activations come from exactly the torch expression ``sae_tune.sparse_encode`` uses
-(``x @ W_enc[:, s:e] + b_enc[s:e]``, the same numbers), so the non-zeros are the same bit for bit. The C
+(``x @ W_enc[:, s:e] + b_enc[s:e]``, the same numbers), so the non-zeros are the same bit for bit as the
+library encode's at that chunk size (and SAELens's where ``sae_tune.encode.gemm_columns_exact`` holds). The C
 kernels (templates/compact.c.jinja) then read the chunk once: per row, the count of fired features and
 their (feature, value) pairs into slots sized from the density seen so far (a chunk that needs more slots
 is written again at exact offsets); after the last chunk each row's segments are concatenated chunk by
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_tune import forksafe
 from sae_tune.targets.base import ConfigFieldError
 from sae_tune.targets.cpu.build import CpuKernel, Signature, build_source
 from sae_tune.targets.cpu.render import render_encode
@@ -178,7 +180,7 @@ def encode(config: CpuEncodeConfig, problem: EncodeProblem) -> EncodeResult:
         )
     kernel = build(x.dtype)
     scan, write, assemble = (kernel.entries[n] for n in SIGNATURES)
-    threads = config.threads or torch.get_num_threads()
+    threads = forksafe.threads(config.threads or torch.get_num_threads())
     with torch.no_grad():  # as sparse_encode: clamped in the dtype (a NaN never fires), exact in fp32
         thr_pos = None if thr is None else torch.clamp_min(thr, 0)
         thr32 = None if thr_pos is None else thr_pos.float().contiguous()

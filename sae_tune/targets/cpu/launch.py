@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sae_tune import forksafe
 from sae_tune.inputs import DecodeInputs, resolved
 from sae_tune.targets.cpu.build import CpuKernel, build_source, forget_loaded
 from sae_tune.targets.cpu.render import CpuDtypes, check_dtypes, render
@@ -119,7 +120,9 @@ def _call(
     out = torch.empty((B, D), dtype=out_dtype)
     if B == 0 or D == 0:
         return out
-    threads = variant.threads or torch.get_num_threads()
+    # a serial build (no OpenMP) runs one thread whatever the variant asks; so does a child forked from a
+    # process with running OpenMP threads (GNU libgomp would hang: sae_tune.forksafe)
+    threads = forksafe.threads(variant.threads or torch.get_num_threads()) if kernel.openmp else 1
     rc = kernel.fn(
         B,
         F,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,14 @@ NAME = "cpu"
 ENCODE_IMPL = "cpu-encode"
 
 
+def _openmp() -> bool:
+    """Whether this machine's compiler builds the kernels with OpenMP (False without a compiler)."""
+    from sae_tune.targets.cpu.build import compiler
+
+    cc = compiler()
+    return not isinstance(cc, str) and cc.openmp
+
+
 class CpuTarget(Target):
     name = NAME
     impls = (NAME,)
@@ -29,6 +38,19 @@ class CpuTarget(Target):
         from sae_tune.targets.cpu import available
 
         return available(device)
+
+    def build_note(self, device: torch.device) -> str | None:
+        """How the C kernels build here when that limits them, for explain(): no compiler (the dispatcher
+        then has the library paths only) or a serial build (no OpenMP: every kernel runs on one thread)."""
+        from sae_tune.targets.cpu.build import compiler, serial_note
+
+        if torch.device(device).type != "cpu":
+            return None
+        cc = compiler()
+        if isinstance(cc, str):
+            working = "no C compiler" if cc.startswith("no C compiler") else "no working C compiler"
+            return f"{working}: library paths only"
+        return None if cc.openmp else serial_note()
 
     def parse(self, impl: str, config: Mapping[str, Any]) -> dict[str, Any]:
         return CpuVariant.from_dict(config).to_dict()
@@ -42,7 +64,10 @@ class CpuTarget(Target):
     def space(self, request: SpaceRequest) -> list[tuple[str, dict[str, Any]]]:
         if not self.timed(request.device) or request.dtype not in self.dtypes():
             return []
-        return [(NAME, v.to_dict()) for v in cpu_variant.search_space(request.F, request.D, request.dtype)]
+        variants = cpu_variant.search_space(request.F, request.D, request.dtype)
+        if not _openmp():  # a serial build runs one thread whatever a variant asks: race each kernel once
+            variants = list(dict.fromkeys(dataclasses.replace(v, threads=1) for v in variants))
+        return [(NAME, v.to_dict()) for v in variants]
 
     def default(self, F: int, D: int, dtype: torch.dtype) -> tuple[str, dict[str, Any]] | None:
         if dtype not in self.dtypes():
@@ -65,7 +90,9 @@ class CpuTarget(Target):
 
     def warm_starts(self, request: SpaceRequest) -> list[dict[str, Any]]:
         default = self.default(request.F, request.D, request.dtype)
-        return [default[1]] if default else []
+        if default is None:
+            return []
+        return [default[1] if _openmp() else {**default[1], "threads": 1}]  # as in space()
 
     def gate(self, impl: str, config: Mapping[str, Any], facts: CallFacts) -> Gated | str:
         reason = self.available(facts.device)

@@ -131,6 +131,10 @@ class LibraryTarget(Target):
     def build(self, impl: str, config: Mapping[str, Any]) -> DecodeFn:
         return TORCH_PATHS[impl].build(**config)
 
+    def density_sensitive(self, impl: str, config: Mapping[str, Any], dtype: torch.dtype) -> bool:
+        path = TORCH_PATHS.get(impl)
+        return path is not None and path.density_sensitive(dtype)
+
     # --- encode: sae_tune.encode's chunked torch code; the chunk size is the tuned parameter ----------
     encode_impls = (_encode.IMPL,)
 

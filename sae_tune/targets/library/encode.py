@@ -1,9 +1,11 @@
 """The library target's encode: ``sae_tune.encode``'s torch code (a GEMM per chunk of features, then the
 activation and the compaction of the chunk's non-zeros), with the chunk size as its one tuned parameter.
 
-Every chunk size gives the same non-zeros bit for bit (a column slice of >= 256 features is the same GEMM
-numbers, see ``sae_tune.encode``), so a chunk size changes only speed and memory: B x chunk pre-activations
-at a time. "row" is the whole row of F features at once: SAELens's dense encode followed by a scan.
+Every chunk size gives the same non-zeros bit for bit where the BLAS computes a column slice of >= 256
+features as the same numbers as the full GEMM's columns (``sae_tune.encode.gemm_columns_exact``; elsewhere
+they agree to the GEMM's rounding), so a chunk size changes only speed and memory: B x chunk
+pre-activations at a time. "row" is the whole row of F features at once: SAELens's dense encode followed
+by a scan, bitwise on every BLAS.
 """
 
 from __future__ import annotations

@@ -13,6 +13,15 @@ Measured on this project's CPU (torch 2.13): ``torch.sparse.mm`` has no CSR kern
 bfloat16 on CPU (MKL), so ``sparse_csr`` reports those dtypes unsupported instead of converting W_dec
 (which would cost more than the dense product); COO sparse matmul and ``embedding_bag`` support every
 float dtype.
+
+Accumulation: a sum of many 16-bit terms rounded at every step drifts with the number of terms, so a
+path whose error grows with the non-zeros per token could pass verification on a sparse batch and be
+wrong on a denser one. ``embedding_bag`` accumulates fp16/bf16 in fp32 on CPU (measured: its error is
+the dense product's at every L0); torch's COO ``sparse.mm`` does not (on CPU its bf16 error reaches
+0.76 of the summed magnitudes at 4096 non-zeros per token), so ``sparse_coo`` multiplies 16-bit inputs
+in fp32 over the fired rows only. A path whose accumulation is not known to be fp32 is marked
+``density_sensitive`` for 16-bit dtypes: the dispatcher then trusts its verification only up to the
+per-token L0 it was verified at.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from sae_tune.inputs import FLOAT_DTYPES, DecodeInputs, check_decode_inputs
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -95,10 +106,38 @@ def sparse_csr(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | No
 
 
 def sparse_coo(acts: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch.sparse.mm`` on ``acts.to_sparse()`` (COO): the library sparse path that has half kernels."""
+    """``torch.sparse.mm`` on ``acts.to_sparse()`` (COO): the library sparse path that has half kernels.
+
+    fp16/bf16 are multiplied in fp32 (``_coo_fp32``): torch's COO kernel accumulates in the input dtype,
+    whose error grows with the non-zeros per token."""
     inputs = check_decode_inputs(acts, W_dec, b_dec)
     trivial = _trivial(inputs)
-    return trivial if trivial is not None else _finish(inputs, _sparse_mm(inputs, "coo"))
+    if trivial is not None:
+        return trivial
+    if inputs.acts.dtype in HALF_DTYPES:
+        return _finish(inputs, _coo_fp32(inputs))
+    return _finish(inputs, _sparse_mm(inputs, "coo"))
+
+
+def _coo_fp32(inputs: DecodeInputs) -> torch.Tensor:
+    """COO ``sparse.mm`` in fp32 over the fired rows only (their fp32 copy costs unique-features x D, not
+    F x D), rounded once to the input dtype: the accumulation ``embedding_bag`` and the kernels have."""
+    x = inputs.acts
+    if not _probe("coo", torch.float32, x.device):
+        raise UnsupportedPathError(f"torch.sparse.mm has no COO kernel for float32 on {x.device.type}")
+    coo = x.to_sparse()
+    token, feature = coo.indices()
+    fired, column = torch.unique(feature, sorted=True, return_inverse=True)
+    rows = inputs.W_dec.index_select(0, fired).float()
+    # (token, column) keeps to_sparse()'s sorted, duplicate-free order: the index map is monotone
+    compact = torch.sparse_coo_tensor(
+        torch.stack((token, column)),
+        coo.values().float(),
+        (x.shape[0], fired.numel()),
+        is_coalesced=True,
+        check_invariants=False,
+    )
+    return torch.sparse.mm(compact, rows).to(x.dtype)
 
 
 def embedding_bag_csr(
@@ -254,6 +293,8 @@ class TorchPath:
     factory       builds the decode function from ``params`` (a path without params is its own function).
     params        names of the build parameters the tuner must choose (e.g. ``("k",)``).
     can_truncate  True when the path may drop features (the tuner gates it like an unchecked variant).
+    half_accumulation  True when the path may accumulate fp16/bf16 in that dtype (its error then grows
+                  with the non-zeros per token: see ``density_sensitive``).
     """
 
     name: str
@@ -261,11 +302,17 @@ class TorchPath:
     params: tuple[str, ...] = ()
     can_truncate: bool = False
     summary: str = ""
+    half_accumulation: bool = False
     _supports: Callable[[torch.dtype, torch.device], bool] = field(default=_float_dtype, repr=False)
 
     def supports(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> bool:
         """Whether this torch build can run the path for ``dtype`` on ``device`` (probed, cached)."""
         return self._supports(dtype, torch.device(device))
+
+    def density_sensitive(self, dtype: torch.dtype) -> bool:
+        """Whether a verification of this path on one batch says nothing about a denser one (its 16-bit
+        accumulation drifts with the number of terms)."""
+        return self.half_accumulation and dtype in HALF_DTYPES
 
     def build(self, *, chunk: int | None = None, **params: Any) -> DecodeFn:
         """The decode function for these parameters, optionally run ``chunk`` tokens at a time."""
@@ -284,7 +331,14 @@ TORCH_PATHS: dict[str, TorchPath] = {
     p.name: p
     for p in (
         TorchPath("dense", dense, summary="acts @ W_dec (BLAS): reads all of W_dec"),
-        TorchPath("sparse_csr", sparse_csr, summary="torch.sparse.mm on CSR", _supports=_csr_supported),
+        # cuSPARSE's accumulation dtype for half CSR is not checked here (CPU has no half CSR kernel)
+        TorchPath(
+            "sparse_csr",
+            sparse_csr,
+            summary="torch.sparse.mm on CSR",
+            half_accumulation=True,
+            _supports=_csr_supported,
+        ),
         TorchPath("sparse_coo", sparse_coo, summary="torch.sparse.mm on COO", _supports=_coo_supported),
         TorchPath("embedding_bag_csr", embedding_bag_csr, summary="embedding_bag, bags from nonzero()"),
         TorchPath(

@@ -25,6 +25,7 @@ from sae_tune.targets.base import (
     SpaceRequest,
     Target,
 )
+from sae_tune.targets.triton.compile_facts import pruned_on
 from sae_tune.targets.triton.support import triton_unavailable_reason
 from sae_tune.targets.triton.variant import Variant
 
@@ -60,7 +61,12 @@ class TritonTarget(Target):
         k = request.topk_k
         caps = tuple(sorted(set(request.max_l0s) | ({k} if k else set())))
         space = Variant.search_space(request.F, request.D, request.dtype, max_l0s=caps, allow_unchecked=True)
-        return [(NAME, v.to_dict()) for v in space if overflow_impossible_or_handled(v, k)]
+        return [
+            (NAME, v.to_dict())
+            for v in space
+            if overflow_impossible_or_handled(v, k)
+            and pruned_on(v.name, request.dtype, request.device) is None  # spills with this Triton here
+        ]
 
     def default(self, F: int, D: int, dtype: torch.dtype) -> tuple[str, dict[str, Any]] | None:
         return NAME, Variant().to_dict()

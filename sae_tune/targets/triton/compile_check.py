@@ -23,6 +23,7 @@ from typing import Any, Self
 
 import torch
 
+from sae_tune.targets.triton.compile_facts import pruned_reason
 from sae_tune.targets.triton.launch import Launch, module_for, representative_launches
 from sae_tune.targets.triton.render import module_digest
 from sae_tune.targets.triton.support import interpreter_active
@@ -69,12 +70,38 @@ class CompileResult:
     def shared(self) -> int | None:
         return max(k.shared for k in self.kernels) if self.ok else None
 
+    @property
+    def pruned(self) -> str | None:
+        """Why the tuner leaves this variant out with the installed Triton on this architecture (the
+        compile facts record it spilling there), or None."""
+        from sae_tune.device import triton_version
+
+        return pruned_reason(self.variant, triton_version(), self.arch, self.dtype)
+
+    @property
+    def status(self) -> str:
+        """The row's word, which agrees with compile-check's exit code: "ok" only for a variant that
+        compiled without spills; "pruned" for one the compile facts leave out of the space here (whatever
+        it spills); "SPILLS" and "FAILED" make the command exit 1."""
+        if not self.ok:
+            return "FAILED"
+        if self.pruned is not None:
+            return "pruned"
+        return "SPILLS" if self.spills else "ok"
+
+    @property
+    def passed(self) -> bool:
+        """Whether this result lets compile-check exit 0."""
+        return self.status in ("ok", "pruned")
+
     def to_json(self) -> dict[str, object]:
         return {
             "variant": self.variant,
             "arch": self.arch,
             "dtype": self.dtype,
             "ok": self.ok,
+            "status": self.status,
+            "pruned": self.pruned,
             "registers": self.registers,
             "spills": self.spills,
             "shared": self.shared,
@@ -106,7 +133,16 @@ def parse_arch(arch: str) -> int:
 def specialised(fn: Any, launch: Launch) -> tuple[dict[str, str], dict[str, object], dict]:
     """Signature, constants and attributes of ``launch``'s arguments, as Triton derives them at launch."""
     from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
+
+    try:
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:  # Triton <= 3.5 specialised in Python, with another API
+        import triton
+
+        raise RuntimeError(
+            f"ahead-of-time compilation needs Triton >= 3.6 (its launch specialisation, "
+            f"native_specialize_impl); Triton {triton.__version__} is installed"
+        ) from None
 
     values = dict(zip(fn.arg_names, launch.args, strict=False))  # constexprs follow by name
     values.update(launch.constexprs)
@@ -254,3 +290,17 @@ def compile_check(
     gemma-2b-l20 shape); kernels shared by variants compile once."""
     parse_arch(arch)
     return [compile_variant(v, arch, dtype, F, D) for v in progress(list(variants))]
+
+
+def summary(results: list[CompileResult], arch: str, claim: str = "variants compiled without spills") -> str:
+    """compile-check's closing line for one architecture: how many rows are "ok", and which the compile
+    facts prune with the installed Triton (a pruned spill is stated, not hidden)."""
+    from sae_tune.device import triton_version
+
+    clean = sum(r.status == "ok" for r in results)
+    line = f"{arch}: {clean} of {len(results)} {claim}"
+    pruned = [r for r in results if r.status == "pruned"]
+    if pruned:
+        named = ", ".join(f"{r.variant} (spills {r.spills})" for r in pruned)
+        line += f"; pruned from the space with Triton {triton_version()} by the compile facts: {named}"
+    return line

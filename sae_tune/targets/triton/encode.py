@@ -27,6 +27,7 @@ from sae_tune.inputs import KERNEL_DTYPES, dtype_names
 from sae_tune.targets.base import ConfigFieldError, EncodeProblem, EncodeRequest, EncodeResult
 from sae_tune.targets.fields import is_pow2
 from sae_tune.targets.templating import environment
+from sae_tune.targets.triton import compile_facts
 from sae_tune.targets.triton.launch import Launch, device_guard
 from sae_tune.targets.triton.render import (
     TEMPLATE_DIR,
@@ -169,7 +170,8 @@ def unsupported_reason(request: EncodeRequest) -> str | None:
 def encode_space(request: EncodeRequest, *, interpreter: bool = False) -> list[EncodeVariant]:
     """The candidates of ``request``, the default first: only on CUDA (where timings are speeds), or on
     CPU in Triton's interpreter when ``interpreter`` asks for it (tests). Tiles larger than the problem
-    are left out (the default always stays)."""
+    are left out (the default always stays), and so are variants that spill with the installed Triton on
+    the device's architecture (``compile_facts``)."""
     if unsupported_reason(request) is not None:
         return []
     if request.device.type != "cuda" and not (interpreter and interpreter_active()):
@@ -182,6 +184,7 @@ def encode_space(request: EncodeRequest, *, interpreter: bool = False) -> list[E
         for i, v in enumerate(all_variants(request.dtype))
         if (i == 0 or (v.block_m <= m_cap and v.block_n <= n_cap))
         and (limit is None or shared_estimate(v, request.dtype) <= limit)
+        and compile_facts.pruned_on(v.name, request.dtype, request.device) is None
     ]
 
 

@@ -56,6 +56,18 @@ class EncodeCompileResult(CompileResult):
         """Compiled, and every kernel's shared memory within the architecture's per-block limit."""
         return self.ok and all(k.shared <= SHARED_LIMIT[self.arch] for k in self.kernels)
 
+    @property
+    def status(self) -> str:
+        """The row's word: ok; pruned (the compile facts leave it out of the tuned space here, whatever
+        it spills); or what makes compile-check exit 1: FAILED, TOO MUCH SHARED MEMORY, SPILLS."""
+        if not self.ok:
+            return "FAILED"
+        if self.pruned is not None:
+            return "pruned"
+        if not self.fits:
+            return "TOO MUCH SHARED MEMORY"
+        return "SPILLS" if self.spills else "ok"
+
     def to_json(self) -> dict[str, object]:
         return {**super().to_json(), "fits": self.fits}
 
