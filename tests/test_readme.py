@@ -177,3 +177,21 @@ def test_every_sae_tune_line_parses(here):
     assert {c.name for c in parsed} == {"main", "compile-check", "bench", "export"}
     with pytest.raises(click.UsageError):
         _parse("sae-tune compile-check --no-such-option")
+
+
+def test_the_quickstart_holds_two_set_up_commands_and_says_how_to_get_the_cpu_build():
+    """Two set-up commands (the main job, the tests); beside them the CPU-only variant of the first, since a
+    bare ``torch==2.13.0`` from the public index is the CUDA build on Linux x86_64."""
+    text = README.read_text()
+    quick = text[text.index("## Quickstart") : text.index("## Using it")]
+    first = blocks("bash")[0][1].strip().splitlines()
+    assert first == [
+        "pip install torch==2.13.0 && pip install -e . && sae-tune --sae gemma-2b-l20",
+        'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q',
+    ]
+    cpu_only = [line for _, b in blocks("bash") for line in b.splitlines() if "--index-url" in line]
+    assert cpu_only == [
+        "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && pip install -e . "
+        "&& sae-tune --sae gemma-2b-l20"
+    ]
+    assert cpu_only[0] in quick and "CUDA" in quick and "download" in quick
