@@ -87,7 +87,7 @@ def test_round_trip_into_an_empty_store(tmp_path):
 
     with Store(tmp_path / "dst.sqlite") as dst:
         result = import_file(dst, path)
-        assert (result.records, result.updated) == (3, 3)
+        assert (result.records, result.added, result.updated) == (3, 3, 0)
         assert comparable(dst) == comparable(src)
         assert {w.provenance.source for w in dst.winners()} == {"imported"}
         assert dst.trials() == []  # imports are winners, not local measurements
@@ -113,7 +113,7 @@ def test_merge_keeps_local_measurements_and_the_fastest_import(tmp_path, store):
     path = tmp_path / "in.json"
     path.write_text(json.dumps(payload(good_records())))
     result = import_file(store, path)
-    assert (result.updated, result.kept_local) == (1, 2)  # only the CPU key had no local measurement
+    assert (result.added, result.updated, result.kept_local) == (1, 0, 2)  # only the CPU key was new
     assert store.winner(key).ms == 0.01 and store.winner(slow_key).ms == 9.0
     assert {w.provenance.source for w in store.winners()} == {"measured", "imported"}
     faster = tmp_path / "faster.json"

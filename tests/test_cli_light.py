@@ -83,7 +83,7 @@ def test_help_list_and_every_subcommand_help_import_nothing_heavy_and_say_the_sa
         assert re.search(rf"{flag} \S+ \[default: {defaults[field]}\]", text), flag
     for field in ("overflow", "max_l0", "chunk_slots", "unit_chunks"):
         flag = "--" + field.replace("_", "-")
-        assert re.search(rf"{flag} \S+ --alloc \w+ only[^\[]*\[{defaults[field]}\]", text), flag
+        assert re.search(rf"{flag} \S+ --alloc \w+ only[^\[]*\[default: {defaults[field]}\]", text), flag
     assert f"[{'|'.join(ALLOCS)}]" in text and f"[{'|'.join(OVERFLOWS)}]" in text
     assert f"--target [{'|'.join(t.name for t in GENERATED)}]" in text
     assert f"--dtype [{'|'.join(DTYPES)}]" in text

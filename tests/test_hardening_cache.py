@@ -183,7 +183,7 @@ def test_import_never_replaces_a_measured_winner(tmp_path):
         winner = store.winner(key)
         assert (winner.impl, winner.ms, winner.provenance.source) == ("embedding_bag_csr", 1.0, "measured")
     out = run("cache", "import", "--cache", str(tmp_path / "c.sqlite"), str(absurd))
-    assert out.exit_code == 0 and "0 winners updated, 1 kept local" in out.output
+    assert out.exit_code == 0 and "0 added, 0 updated, 1 kept local" in out.output
 
 
 def test_a_later_measurement_replaces_an_imported_winner(tmp_path):

@@ -226,8 +226,8 @@ def test_a_noisy_encode_winner_says_so_and_gives_way_to_a_slower_quiet_one(store
     real_race = encode_search.race
 
     def race(make, scale):
-        def fake(request, problem, *, budget_s=None):
-            timings, failures, finalists = real_race(request, problem, budget_s=0.0)
+        def fake(request, problem, *, budget_s=None, progress=iter):
+            timings, failures, finalists = real_race(request, problem, budget_s=0.0, progress=progress)
             return {c: make(scale * (1 + i)) for i, c in enumerate(timings)}, failures, finalists
 
         return fake

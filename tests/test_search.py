@@ -173,7 +173,8 @@ def test_every_timing_is_stored_with_its_spread(store):
 def test_phases_are_reported_in_order(store):
     said = []
     Tuner(SPEC, store=store, phase=said.append).tune_batch(8, trials=2)
-    assert [m.split(": ")[1].split(" ")[0] for m in said] == ["baselines", "search", "final", "done,"]
+    phases = [m.split(": ")[1].split(" ")[0] for m in said]  # a noisy final re-timing says each repeat
+    assert list(dict.fromkeys(phases)) == ["baselines", "search", "final", "done,"]
 
 
 def test_retune_forgets_the_key_and_starts_a_fresh_shared_study(tmp_path):

@@ -16,7 +16,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,10 +199,16 @@ def _timed(fn: Callable[[], object], cuda: bool) -> float:
 
 
 def race(
-    request: EncodeRequest, problem: EncodeProblem, *, budget_s: float | None = None
+    request: EncodeRequest,
+    problem: EncodeProblem,
+    *,
+    budget_s: float | None = None,
+    progress: Callable[[list[EncodeCandidate]], Iterable[EncodeCandidate]] = iter,
 ) -> tuple[dict[EncodeCandidate, Timing], dict[EncodeCandidate, str], list[EncodeCandidate]]:
     """Check every candidate against the reference, then time those that agree, interleaved; returns
-    (timings, failures, finalists: the candidates raced to the end, among which the fastest wins)."""
+    (timings, failures, finalists: the candidates raced to the end, among which the fastest wins).
+    ``progress`` wraps the candidates checked (a first run of a generated encode may compile it: minutes
+    on a GPU), such as ``sae_tune.progress.track``; the timed rounds after it stop within the budget."""
     started = time.perf_counter()
     cands = candidates(request)
     cuda = request.device.type == "cuda"
@@ -215,7 +221,7 @@ def race(
         problem.x[:WARMUP_TOKENS], problem.W_enc, problem.b_enc, problem.threshold, problem.k
     )
     first: dict[EncodeCandidate, float] = {}
-    for cand in cands:
+    for cand in progress(cands):
         try:
             cand.run(warm)
             t0 = time.perf_counter()
@@ -269,11 +275,13 @@ def tune_encode(
     seed: int = 0,
     budget_s: float | None = None,
     forgotten: set[CacheKey] | None = None,
+    progress: Callable[[list[EncodeCandidate]], Iterable[EncodeCandidate]] = iter,
 ) -> EncodeTuneResult:
     """Race the encode candidates for ``W_enc``'s shape, dtype and device at one batch size; record every
     trial, the default's time (as the key's baseline) and the winner. ``info`` is the ``DeviceInfo`` the
     decode tuner keys its records with. With ``forgotten`` (``--retune``), what the key had is forgotten
-    first, once per key (batch sizes of one bucket share a key)."""
+    first, once per key (batch sizes of one bucket share a key). ``progress`` wraps the candidates checked
+    (see ``race``)."""
     started = time.perf_counter()
     (D, F), dtype, device = W_enc.shape, W_enc.dtype, W_enc.device
     request = EncodeRequest(batch_size, F, D, dtype, device, activation, k)
@@ -281,7 +289,7 @@ def tune_encode(
         info, template_hash=templates_hash(), dtype=dtype, F=F, D=D, batch_size=batch_size, k=k
     )
     problem = workload(request, W_enc, float(k) if k is not None else l0, seed)
-    timings, failures, finalists = race(request, problem, budget_s=budget_s)
+    timings, failures, finalists = race(request, problem, budget_s=budget_s, progress=progress)
     del problem
     if not timings:
         detail = "; ".join(f"{c.label}: {why}" for c, why in failures.items()) or "no candidates"

@@ -23,6 +23,7 @@ import torch
 from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.autotune.candidates import Candidate, SearchSpace, baselines, search_space
 from sae_tune.autotune.timing import (
+    NOISY_RETRIES,
     Timing,
     busy_reason,
     quietest,
@@ -420,7 +421,7 @@ class Tuner:
             gc_after_trial=False,
         )
         self._say(f"B={batch_size}: final re-timing (up to {FINALISTS} best and the baselines, interleaved)")
-        best, final = self._final(measured, work, reference)
+        best, final = self._final(measured, work, reference, f"B={batch_size}")
         dense = Candidate.of("dense", {})
         final_baselines = {impl: final[Candidate.of(impl, {})].ms for impl in reference}
         dense_ms = final_baselines["dense"]
@@ -457,12 +458,13 @@ class Tuner:
         self._say(f"B={key.batch_bucket} bucket: --retune removed {removed} stored record(s) of this key")
 
     def _final(
-        self, measured: dict[Candidate, float], work: Workload, baselines: Iterable[str]
+        self, measured: dict[Candidate, float], work: Workload, baselines: Iterable[str], label: str = ""
     ) -> tuple[Candidate, dict[Candidate, Timing]]:
         """Re-time the finalists and the baselines interleaved, so that every ratio comes from one run.
 
         A run in which the winner's or dense's timing is noisy is repeated (NOISY_RETRIES more at most) and
-        the quietest run is kept whole, so that the ratios still come from one run."""
+        the quietest run is kept whole, so that the ratios still come from one run; each repeat is told to
+        ``phase`` (``label`` names the batch size), so a long re-timing is never silent."""
         finalists = sorted(measured, key=measured.__getitem__)[:FINALISTS]
         for impl in baselines:
             if Candidate.of(impl, {}) not in finalists:
@@ -471,7 +473,15 @@ class Tuner:
         runs = {c.label: (lambda fn=fns[c]: work.run(fn)) for c in finalists}
         dense = Candidate.of("dense", {})
 
+        runs_done = 0
+
         def one_run() -> tuple[Candidate, dict[Candidate, Timing]]:
+            nonlocal runs_done
+            if runs_done:
+                self._say(
+                    f"{label}: final re-timing was noisy, run {runs_done + 1} of up to {NOISY_RETRIES + 1}"
+                )
+            runs_done += 1
             timings = time_interleaved(runs, self.device)
             by_cand = {c: timings[c.label] for c in finalists}
             return min(by_cand, key=lambda c: by_cand[c].ms), by_cand

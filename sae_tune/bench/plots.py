@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sae_tune.bench.measure import Measurement
 from sae_tune.bench.paths import DENSE
 from sae_tune.bench.runner import BenchResult, Stamp
 from sae_tune.bench.tables import BATCH_SWEEP, L0_SWEEP, WIDTH_SWEEP
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PLOTS: dict[str, tuple[str, str, Callable[[Measurement], int | None]]] = {
     L0_SWEEP: ("l0_sweep.png", "L0 (non-zero features per token)", lambda r: r.l0),
@@ -21,10 +25,50 @@ PLOTS: dict[str, tuple[str, str, Callable[[Measurement], int | None]]] = {
 def plot_sweep(
     rows: list[Measurement], x: Callable[[Measurement], int | None], xlabel: str, title: str, path: Path
 ) -> None:
+    """Draw the sweep and write it to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = sweep_figure(rows, x, xlabel, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+TITLE_SIZE = 11
+
+
+def wrap_text(text: str, fits: Callable[[str], bool]) -> str:
+    """``text`` in lines that each ``fits``: broken between words, and inside a word only where the word
+    alone does not fit; every character is kept, in order."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if fits(candidate):
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while len(word) > 1 and not fits(word):
+            n = len(word) - 1
+            while n > 1 and not fits(word[:n]):
+                n -= 1
+            lines.append(word[:n])
+            word = word[n:]
+        current = word
+    if current:
+        lines.append(current)
+    return "\n".join(lines)
+
+
+def sweep_figure(
+    rows: list[Measurement], x: Callable[[Measurement], int | None], xlabel: str, title: str
+) -> Figure:
+    """The sweep's figure; its title wrapped to the figure's width (a long device name is never cut)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.font_manager import FontProperties
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     series: dict[str, list[tuple[int, float, float | None]]] = {}
@@ -55,14 +99,20 @@ def plot_sweep(
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    renderer = fig.canvas.get_renderer()
+    font = FontProperties(size=TITLE_SIZE)
+    room = 0.96 * fig.bbox.width  # pixels, at the figure's dpi like the text it measures
+
+    def fits(line: str) -> bool:
+        return renderer.get_text_width_height_descent(line, font, ismath=False)[0] <= room
+
+    fig.suptitle(wrap_text(title, fits).replace("$", r"\$"), fontsize=TITLE_SIZE)  # "$" is not math here
+    return fig
 
 
 def sweep_title(table: str, result: BenchResult) -> str:
-    c, s = result.config, result.stamp
     """The plot's title: what is fixed in the sweep, the dtype, the device, torch and the date."""
+    c, s = result.config, result.stamp
     fixed = {
         L0_SWEEP: f"B={c.batch}, F={c.width}, D={c.d_model}",
         WIDTH_SWEEP: f"B={c.batch}, L0={c.l0}, D={c.d_model}",

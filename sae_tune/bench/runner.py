@@ -16,6 +16,7 @@ from sae_tune.bench.measure import Measurement, Timer
 from sae_tune.bench.problem import WeightCache
 from sae_tune.bench.tables import RUNNERS, BenchContext
 from sae_tune.device import cpu_model_name, describe_device
+from sae_tune.progress import Progress
 from sae_tune.targets.triton.support import interpreter_active, triton_unavailable_reason
 
 if TYPE_CHECKING:
@@ -100,12 +101,15 @@ def run_bench(
     tables: tuple[str, ...] | None = None,
     log: Callable[[str], None] = lambda _: None,
     output: BenchOutput | None = None,
+    progress: bool = False,
 ) -> BenchResult:
     """Measure ``tables`` (default: all) on ``device``. ``triton`` overrides the device's default: forcing
     it on CPU runs the kernels in the interpreter, which tests use to exercise the GPU rows.
 
     With ``output``, each table is written as soon as it is done (a stopped run keeps what it measured),
-    and tables it already holds from a run like this one (``resume``) are kept instead of measured."""
+    and tables it already holds from a run like this one (``resume``) are kept instead of measured. With
+    ``progress``, tables done of those asked and an estimate of the time left go to stderr
+    (``sae_tune.progress``)."""
     device = torch.device(device)
     auto, note = triton_decision(device)
     use_triton = auto if triton is None else triton
@@ -135,12 +139,14 @@ def run_bench(
         seconds = time.perf_counter() - started
         return BenchResult(tuple(rows), stamp, config, use_triton, note, seconds, tuple(kept))
 
-    with torch.no_grad():
+    bar = Progress(len(names), "bench", unit="table", enabled=progress)
+    with torch.no_grad(), bar:
         for name in names:
             if name in done:
                 rows += done[name]
                 kept.append(name)
                 log(f"{name}: kept from {output.table_path(name)}")  # type: ignore[union-attr]
+                bar.update(note=f"{name} kept")
                 continue
             t0 = time.perf_counter()
             log(f"{name} ...")
@@ -149,4 +155,5 @@ def run_bench(
             if output is not None:
                 output.table_done(name, new, result())
             log(f"{name} done in {time.perf_counter() - t0:.1f} s")
+            bar.update(note=f"{name} done")
     return result()

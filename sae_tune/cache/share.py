@@ -83,10 +83,24 @@ class ShippedConfigWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ImportResult:
+    """What an import did, counted per key (a file may hold several records of one key)."""
+
     path: Path
     records: int  # validated records in the file
-    updated: int  # winners that changed (new key, or faster than a stored imported winner)
+    updated: int  # keys that had a winner and took the file's (faster than a stored imported winner)
     kept_local: int = 0  # keys whose winner was measured here, and so was kept
+    added: int = 0  # keys that had no winner before
+    unchanged: int = 0  # keys whose stored imported winner was faster (or quieter) and so was kept
+
+    def summary(self) -> str:
+        """``"2 added, 1 updated, 1 kept local (measured here, not replaced), 3 unchanged (...)"``; zero
+        counts after the first two are left out."""
+        parts = [f"{self.added} added", f"{self.updated} updated"]
+        if self.kept_local:
+            parts.append(f"{self.kept_local} kept local (measured here, not replaced)")
+        if self.unchanged:
+            parts.append(f"{self.unchanged} unchanged (the stored import is as fast or quieter)")
+        return ", ".join(parts)
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -305,13 +319,20 @@ def import_file(store: Store, path: str | os.PathLike[str]) -> ImportResult:
     """Validate every record of ``path``, then merge them in one transaction.
 
     A key with a winner measured here keeps it (counted in ``kept_local``); other keys take the fastest
-    record. Imported winners remember the file's name, which ``explain()`` shows.
+    record (``added`` where the key had no winner, ``updated`` where it replaced an imported one,
+    ``unchanged`` where the stored one stays). Imported winners remember the file's name, which
+    ``explain()`` shows.
     """
     origin = clean_origin(Path(path).name)
     records = [dataclasses.replace(rec, origin=origin) for rec in load_file(path)]
     merged = store.merge_winners(records)
     return ImportResult(
-        path=Path(path), records=len(records), updated=merged.updated, kept_local=merged.kept_local
+        path=Path(path),
+        records=len(records),
+        updated=merged.updated,
+        kept_local=merged.kept_local,
+        added=merged.added,
+        unchanged=merged.unchanged,
     )
 
 

@@ -524,10 +524,13 @@ class BaselineRecord:
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What merging winners did: ``updated`` keys changed; ``kept_local`` keys kept the time measured here."""
+    """What merging winners did, per key: ``added`` had no winner before, ``updated`` had one and took the
+    new record, ``kept_local`` kept the time measured here, ``unchanged`` kept a faster (or quieter) one."""
 
     updated: int
     kept_local: int
+    added: int = 0
+    unchanged: int = 0
 
 
 def check_winner(key: CacheKey, impl: str, config: Any, ms: Any, dense_ms: Any) -> dict[str, Any]:
@@ -1249,17 +1252,27 @@ class Store:
         kept_local: set[str] = set()
         updated: set[str] = set()
         with self._write("importing winners"):
+            keys = {rec.key.id for rec in checked}
+            had = "SELECT 1 FROM winners WHERE key_id = ?"
+            new = {k for k in keys if self.db.execute(had, [k]).fetchone() is None}
             for rec in checked:
                 stored = self._set_winner(rec)
                 if stored is None:
                     kept_local.add(rec.key.id)
                 elif stored:
                     updated.add(rec.key.id)
-        return MergeResult(updated=len(updated), kept_local=len(kept_local))
+        added = updated & new
+        return MergeResult(
+            updated=len(updated - added),
+            kept_local=len(kept_local),
+            added=len(added),
+            unchanged=len(keys - updated - kept_local),
+        )
 
     def import_winners(self, records: Iterable[WinnerRecord]) -> int:
-        """``merge_winners`` returning only how many keys changed."""
-        return self.merge_winners(records).updated
+        """``merge_winners`` returning only how many keys changed (added or updated)."""
+        merged = self.merge_winners(records)
+        return merged.added + merged.updated
 
     def forget_key(self, key: CacheKey) -> int:
         """Delete every trial, baseline and winner (measured or imported) of ``key`` in one transaction.

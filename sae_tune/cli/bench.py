@@ -82,7 +82,7 @@ def bench_command(
     log(output.describe())
     chosen = tuple(dict.fromkeys(tables)) or None
     try:
-        result = run_bench(config, device, tables=chosen, log=log, output=output)
+        result = run_bench(config, device, tables=chosen, log=log, output=output, progress=True)
         files = output.write(result)
     except OutputError as exc:
         raise click.ClickException(f"--out {out_dir}: {exc}") from exc

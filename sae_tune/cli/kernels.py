@@ -11,6 +11,7 @@ import click
 
 from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.cli.options import dtype_option, torch_dtype, variant_options
+from sae_tune.progress import progress_interval, track
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +54,12 @@ def _other_target(name: str, config_json: str | None, dtype: str) -> str:
     show_default=True,
     help="Which generated target: Triton (the options above) or the C target (--config).",
 )
-@click.option("--config", "config_json", help="cpu target: a JSON variant (default: its default variant).")
+@click.option(
+    "--config",
+    "config_json",
+    show_default="the C target's default variant",
+    help="--target cpu only: a JSON variant.",
+)
 @dtype_option
 @click.option("--path", "show_path", is_flag=True, help="Print where the generated file is instead.")
 def show_kernel(variant: Variant, target: str, config_json: str | None, dtype: str, show_path: bool) -> None:
@@ -96,7 +102,7 @@ def _build_all(name: str, F: int, D: int, dtype: str, as_json: bool) -> None:
         raise click.ClickException(f"the {name} target cannot build here: {reason}")
     request = SpaceRequest(F=F, D=D, dtype=torch_dtype(dtype), device=device, batch_bucket=1)
     results = []
-    for impl, config in target.space(request):
+    for impl, config in track(target.space(request), f"build {name}", unit="variant"):
         try:
             target.precompile(impl, config, torch_dtype(dtype))
             results.append({"variant": target.label(impl, config), "ok": True, "error": None})
@@ -155,8 +161,7 @@ def compile_check_command(
     Exit code 1 when any variant fails to compile, spills registers or (encode) needs more shared memory
     than the architecture gives a block.
     """
-    from tqdm import tqdm
-
+    progress_interval()  # a bad SAE_TUNE_PROGRESS_INTERVAL is refused before any work
     if target != "triton":
         if op != "decode":
             raise click.UsageError("--op encode compiles the Triton encode; the C encode builds on first use")
@@ -189,9 +194,9 @@ def compile_check_command(
     for arch in archs:
 
         def bar(items, arch=arch):
-            return tqdm(items, desc=f"compile {arch}", unit="variant", disable=not tty)
+            return track(items, f"compile {arch}", unit="variant")
 
-        if not tty:  # no bar off a terminal: a line per architecture instead
+        if not tty:  # off a terminal: a line per architecture, then progress lines (sae_tune.progress)
             click.echo(
                 f"[{time.perf_counter() - started:6.1f} s] compile {arch}: {len(space)} variants", err=True
             )
@@ -220,8 +225,13 @@ def _compile_encode(archs: tuple[str, ...], dtype: torch.dtype, F: int, D: int, 
     started = time.perf_counter()
     results = []
     for arch in archs:
-        click.echo(f"[{time.perf_counter() - started:6.1f} s] compile {arch}: encode variants", err=True)
-        results += [compile_encode(v, arch, dtype, F, D) for v in all_variants(dtype)]
+        variants = all_variants(dtype)
+        click.echo(
+            f"[{time.perf_counter() - started:6.1f} s] compile {arch}: {len(variants)} encode variants",
+            err=True,
+        )
+        bar = track(variants, f"compile {arch} encode", unit="variant")
+        results += [compile_encode(v, arch, dtype, F, D) for v in bar]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=1))
     else:

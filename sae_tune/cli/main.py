@@ -33,6 +33,7 @@ USER_ERRORS = {
     "sae_tune.autotune.workload": ("WorkloadError",),
     "sae_tune.targets.base": ("ConfigFieldError",),
     "sae_tune.artefacts": ("UnsafeArtefactDir",),
+    "sae_tune.progress": ("ProgressSettingError",),
 }
 _CANNOT_RUN = {("sae_tune.cache.store", "CacheReadOnlyError")}
 

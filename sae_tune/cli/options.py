@@ -61,23 +61,30 @@ def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--overflow",
             type=click.Choice(OVERFLOWS),
-            default=None,
-            help=f"--alloc fixed only [{_VARIANT_DEFAULTS.overflow}]",
+            default=_VARIANT_DEFAULTS.overflow,
+            show_default=True,
+            help="--alloc fixed only.",
         ),
         click.option(
-            "--max-l0", type=int, default=None, help=f"--alloc fixed only [{_VARIANT_DEFAULTS.max_l0}]"
+            "--max-l0",
+            type=int,
+            default=_VARIANT_DEFAULTS.max_l0,
+            show_default=True,
+            help="--alloc fixed only.",
         ),
         click.option(
             "--chunk-slots",
             type=int,
-            default=None,
-            help=f"--alloc chunked only: slots per chunk of a token [{_VARIANT_DEFAULTS.chunk_slots}]",
+            default=_VARIANT_DEFAULTS.chunk_slots,
+            show_default=True,
+            help="--alloc chunked only: slots per chunk of a token.",
         ),
         click.option(
             "--unit-chunks",
             type=int,
-            default=None,
-            help=f"--alloc chunked only: chunks per work unit [{_VARIANT_DEFAULTS.unit_chunks}]",
+            default=_VARIANT_DEFAULTS.unit_chunks,
+            show_default=True,
+            help="--alloc chunked only: chunks per work unit.",
         ),
     ]
     for name in ("block_f", "block_d", "block_l", "num_warps", "num_warps_build", "num_stages"):
@@ -91,8 +98,8 @@ def variant_options(command: Callable[..., Any]) -> Callable[..., Any]:
         from sae_tune.targets.triton.variant import Variant
 
         names = [f for f in Variant.__dataclass_fields__ if f in kwargs]
+        # an option left at its default passes the Variant's own default, which every alloc accepts
         values = {f: kwargs.pop(f) for f in names}
-        values = {k: v for k, v in values.items() if v is not None}
         try:
             kwargs["variant"] = Variant(**values)
         except (TypeError, ValueError) as exc:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import click
 
 from sae_tune.cli.options import DeviceType
+from sae_tune.progress import Progress, progress_interval, track
 
 if TYPE_CHECKING:
     import torch
@@ -211,11 +212,18 @@ def quick_tune(device: torch.device, seconds: float) -> str:
     with tempfile.TemporaryDirectory(prefix="sae-tune-selftest-") as folder:
         store = Store(os.path.join(folder, "cache.sqlite"))
         try:
-            tuner = Tuner(spec, device=device, store=store, seed=0)
-            result = tuner.tune_batch(8, trials=4, time_budget=seconds)
+            with Progress(4, "selftest tune B=8", unit="trial") as bar:
+                tuner = Tuner(
+                    spec, device=device, store=store, seed=0,
+                    phase=lambda message: bar.describe(f"selftest tune {message}"),
+                    progress=lambda n, best: bar.update(n, best),
+                )  # fmt: skip
+                result = tuner.tune_batch(8, trials=4, time_budget=seconds)
         finally:
             store.close()
-    note = "" if device.type == "cuda" else " (CPU: a check that tuning runs, not a measurement of speed)"
+    # the CPU note on a line of its own keeps each line within 120 columns
+    cpu_note = "\n      (CPU: a check that tuning runs, not a measurement of speed)"
+    note = "" if device.type == "cuda" else cpu_note
     return (
         f"F={spec.width} D={spec.d_model} L0={spec.l0} B=8: winner {result.best.label} "
         f"{result.best_ms:.3f} ms, dense {result.dense_ms:.3f} ms, {result.speedup:.2f}x dense{note}"
@@ -230,7 +238,8 @@ def bench_summary(device: torch.device) -> tuple[list[str], list[str]]:
     from dataclasses import replace
 
     from sae_tune.bench.config import QUICK
-    from sae_tune.bench.measure import ERROR, WRONG
+    from sae_tune.bench.measure import ERROR, OK, WRONG
+    from sae_tune.bench.paths import COMPILED
     from sae_tune.bench.report import fmt_ms, fmt_x
     from sae_tune.bench.runner import run_bench
 
@@ -240,15 +249,32 @@ def bench_summary(device: torch.device) -> tuple[list[str], list[str]]:
             QUICK, width=16384, d_model=256, rounds=3, budget_s=1.0, copy_mib=64, flush_mib=0,
             compile_dense=False, name="selftest",
         )  # fmt: skip
-    result = run_bench(config, device, tables=("summary",))
+    result = run_bench(config, device, tables=("summary",), progress=True)
     lines, wrong = [], []
     for r in result.measurements:
         if r.metric != "ms":
             continue
-        lines.append(f"  {r.path:40s} {fmt_ms(r.value):>9s} ms  {fmt_x(r.vs_dense):>8s} vs dense  {r.status}")
+        reason = None
+        if r.status != OK:
+            reason = r.note.strip().splitlines()[0] if r.note.strip() else "no reason recorded"
+            if r.path == COMPILED and not config.compile_dense:
+                reason = "left out of the CPU selftest to keep it short; `sae-tune bench` times it"
+        lines += bench_lines(r.path, fmt_ms(r.value), fmt_x(r.vs_dense), r.status, reason)
         if r.status in (WRONG, ERROR):
-            wrong.append(f"bench {r.path}: {r.status}")
+            wrong.append(f"bench {r.path}: {r.status}" + (f": {reason}" if reason else ""))
     return lines, wrong
+
+
+def bench_lines(
+    path: str, ms: str, vs_dense: str, status: str, reason: str | None, width: int = 120
+) -> list[str]:
+    """One row of the selftest's bench summary; a row that is not ok says why on a line of its own (its
+    end elided to keep it within ``width`` columns)."""
+    lines = [f"  {path:40s} {ms:>9s} ms  {vs_dense:>8s} vs dense  {status}"]
+    if reason:
+        why = f"    {status}: {reason}"
+        lines.append(why if len(why) <= width else why[: width - 3] + "...")
+    return lines
 
 
 def _interpreter_for_cpu(device: torch.device) -> str | None:
@@ -276,6 +302,7 @@ def selftest_command(device: str | None, full: bool, no_tune: bool, tune_seconds
         raise click.ClickException(problem)
     from sae_tune.targets.triton.support import triton_unavailable_reason
 
+    progress_interval()  # a bad SAE_TUNE_PROGRESS_INTERVAL is refused before any work
     reason = triton_unavailable_reason(dev)
     if reason is not None:
         raise click.ClickException(f"the Triton kernels cannot run on {dev}: {reason}")
@@ -284,7 +311,7 @@ def selftest_command(device: str | None, full: bool, no_tune: bool, tune_seconds
     started = time.perf_counter()
     failures: list[str] = []
     todo = list(cases(full))
-    for case in todo:
+    for case in track(todo, "selftest correctness", unit="case"):
         try:
             why = run_case(case, dev)
         except Exception as exc:  # a crash of one case is a failure of the selftest, not of the command
@@ -295,7 +322,7 @@ def selftest_command(device: str | None, full: bool, no_tune: bool, tune_seconds
     passed = len(todo) - len(failures)
     click.echo(f"correctness: {passed} of {len(todo)} cases ({time.perf_counter() - started:.1f} s)")
     started, encodes, bad = time.perf_counter(), encode_cases(dev), 0
-    for case in encodes:
+    for case in track(encodes, "selftest encode", unit="case"):
         try:
             why = run_encode_case(case, dev)
         except Exception as exc:

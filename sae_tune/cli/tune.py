@@ -220,6 +220,7 @@ def run_tune(
     )
     from sae_tune.autotune.workload import WorkloadError, load_acts
     from sae_tune.cache.store import CacheError, Store
+    from sae_tune.progress import progress_interval
 
     started = time.perf_counter()
     resolved = resolve_spec(sae, width, d_model, l0, arch, k)
@@ -240,6 +241,7 @@ def run_tune(
     except ValueError as exc:
         raise _bad("--storage", str(exc).removeprefix(f"--storage {storage!r}: ")) from exc
     quiet_optuna()
+    progress_interval()  # a bad SAE_TUNE_PROGRESS_INTERVAL is refused before any work
     show_bar = stderr_is_terminal()
 
     def phase(message: str) -> None:
@@ -309,6 +311,7 @@ def _tune_encode(spec, tuner, store, sizes, seed, retune, phase) -> list:
     """Tune ``sparse_encode`` for the SAE's shape at each batch size (with the decoder's W_dec as W_enc's
     values); a failure is reported on stderr and leaves the decode results as they are."""
     from sae_tune.autotune.encode_search import describe, tune_encode
+    from sae_tune.progress import track
 
     activation = activation_for(spec)
     started = time.perf_counter()
@@ -324,6 +327,7 @@ def _tune_encode(spec, tuner, store, sizes, seed, retune, phase) -> list:
             result = tune_encode(
                 store, W_enc, batch_size=b, activation=activation, k=spec.k, l0=float(spec.l0),
                 info=tuner.info, seed=seed, forgotten=forgotten,
+                progress=lambda items, b=b: track(items, f"encode B={b}: checks", unit="candidate"),
             )  # fmt: skip
         except (RuntimeError, MemoryError) as exc:  # out of memory for this batch size's encode
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -365,9 +369,8 @@ def _tune_sizes(
 ):  # fmt: skip
     """Build the tuner and tune each batch size; progress goes to stderr (a bar on a terminal, else
     a line per phase), never to stdout, which holds only the table or the JSON."""
-    from tqdm import tqdm
-
     from sae_tune.autotune.search import Tuner
+    from sae_tune.progress import Progress
 
     try:
         tuner = Tuner(
@@ -397,10 +400,10 @@ def _tune_sizes(
     phase(f"{spec.name} on {tuner.info.name}: batch sizes {', '.join(map(str, sizes))}, {trials} trials each")
     results = []
     for b in sizes:
-        with tqdm(total=trials, desc=f"B={b}", unit="trial", disable=not show_bar, leave=False) as bar:
-            tuner.progress = lambda n, best: (bar.update(n), bar.set_postfix_str(best))
+        with Progress(trials, f"B={b}: search", unit="trial", tty=show_bar) as bar:
+            tuner.progress = lambda n, best, bar=bar: bar.update(n, best)
             if show_bar:
-                tuner.phase = lambda message: bar.set_description_str(message)
+                tuner.phase = bar.describe
             results.append(tuner.tune_batch(b, trials=trials, time_budget=time_budget))
     return results, tuner
 
