@@ -529,4 +529,7 @@ def test_encode_winners_export_show_and_stay_out_of_the_decode_index(tmp_path):
     assert len(records) == 2 and len(CacheIndex(records)) == 1
     shown = CliRunner().invoke(main, ["cache", "show", "--cache", str(path)])
     assert shown.exit_code == 0, shown.output
-    assert IMPL in shown.output and "| encode " in shown.output
+    assert "  encode, fp32" in shown.output and "  decode, fp32" in shown.output  # a line per op
+    wide = CliRunner().invoke(main, ["cache", "show", "--wide", "--cache", str(path)])
+    assert wide.exit_code == 0, wide.output
+    assert IMPL in wide.output and "| encode " in wide.output

@@ -91,7 +91,7 @@ def test_cache_show_says_noisy_for_a_noisy_winner(tmp_path):
     assert shown.exit_code == 0, shown.output
     noisy_line = next(line for line in shown.output.splitlines() if "sparse_csr" in line)
     assert "±7009% (noisy)" in noisy_line and "935.48x (noisy)" in noisy_line
-    quiet_line = next(line for line in shown.output.splitlines() if "| dense" in line)
+    quiet_line = next(line for line in shown.output.splitlines() if "2.000 ms" in line)
     assert "noisy" not in quiet_line
     as_json = json.loads(CliRunner().invoke(main, ["cache", "show", "--cache", str(path), "--json"]).output)
     assert sorted(w["noisy"] for w in as_json["winners_list"]) == [False, True]

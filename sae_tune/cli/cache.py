@@ -199,7 +199,7 @@ def narrow_tables(winners: list[WinnerRecord], width: int = WIDTH) -> list[str]:
                     str(w.key.l0_bucket),
                     config_label(w),
                     format_ms(w.ms, w.spread),
-                    _speedup(w),
+                    _speedup(w) + (" (noisy)" if w.noisy and w.speedup is not None else ""),
                     w.provenance.source if w.origin is None else f"imported from {w.origin}",
                 ]
                 for w in group
@@ -215,8 +215,8 @@ def narrow_tables(winners: list[WinnerRecord], width: int = WIDTH) -> list[str]:
 
 # (header lines, right-aligned, narrowest it may be elided to: 0 never) per column of the narrow table
 NARROW_HEADERS = (
-    (("batch", "bucket"), True, 0),
-    (("L0", "bucket"), True, 0),
+    (("", "batch"), True, 0),
+    (("", "L0"), True, 0),
     (("", "winner"), False, 24),
     (("", "time"), False, 0),
     (("vs", "dense"), True, 0),
