@@ -161,7 +161,8 @@ def test_a_noisy_winner_is_stored_flagged_then_replaced_by_a_slower_quiet_one(st
     stored = store.winner(first.key)
     assert stored.noisy and stored.ms == first.best_ms
     table = format_table([first])
-    assert "(noisy)" in table and f"{first.speedup:.2f}x (noisy)" in table
+    row = table.splitlines()[-1]
+    assert f"~{first.speedup:.2f}x" in row and "±" in row
     # the next run, quiet and ten times slower, replaces the flagged winner without --retune
     finals = _inject(monkeypatch, quiet, 10.0)
     again = tuner(store).tune_batch(8, trials=2)
@@ -237,7 +238,8 @@ def test_a_noisy_encode_winner_says_so_and_gives_way_to_a_slower_quiet_one(store
     monkeypatch.setattr(encode_search, "race", race(noisy, 1.0))
     first = encode_search.tune_encode(store, W, **args)
     assert first.noisy and store.winner(first.key).noisy
-    assert "(noisy)" in encode_search.describe(first) and "x (noisy)" in format_encode_table([first])
+    encode_row = format_encode_table([first]).splitlines()[-1]
+    assert "(noisy)" in encode_search.describe(first) and "~" in encode_row and "±" in encode_row
     monkeypatch.setattr(encode_search, "race", race(quiet, 10.0))
     again = encode_search.tune_encode(store, W, **args)
     assert not again.noisy and "noisy" not in encode_search.describe(again)

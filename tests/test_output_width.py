@@ -223,3 +223,55 @@ def test_selftest_bench_rows_that_did_not_run_say_why(monkeypatch):
     ]
     long = selftest.bench_lines("dense", "1.0", "1.00x", "error", "x" * 300)
     assert len(long) == 2 and len(long[1]) == 120 and long[1].endswith("...")
+
+
+def test_the_tuners_tables_fit_120_columns_with_the_longest_labels_and_noisy_rows():
+    """The decode and encode tables the main job prints, with a label longer than any of the C or Triton
+    spaces' (50 and 53 characters at gemma-2b-l20), large times, failures and every time noisy."""
+    from types import SimpleNamespace as NS
+
+    from sae_tune.cli.tune import format_encode_table, format_table
+
+    label = "triton[fixed-unchecked-m128-f1024-d128-l16-w2-wb4-s2]xx"
+    assert len(label) == 55
+
+    def decode(noisy: bool):
+        spread = 70.09 if noisy else 0.01
+        return NS(
+            batch_size=4096,
+            best=NS(label=label),
+            best_ms=12345.678,
+            best_spread=spread,
+            dense_ms=98765.432,
+            dense_spread=spread,
+            noisy=noisy,
+            speedup=1234.56,
+            versus=lambda name: 123.45,
+            trials=200,
+            failed=13,
+        )
+
+    def encode(noisy: bool):
+        spread = 70.09 if noisy else 0.01
+        return NS(
+            batch_size=4096,
+            key=NS(op="encode_topk"),
+            best=NS(label="cpu:" + label),
+            best_ms=12345.678,
+            best_spread=spread,
+            default_ms=98765.432,
+            default_spread=spread,
+            noisy=noisy,
+            times=list(range(12)),
+            failed=[1, 2],
+        )
+
+    for table in (
+        format_table([decode(False), decode(True)]),
+        format_encode_table([encode(False), encode(True)]),
+    ):
+        lines = table.splitlines()
+        assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+        assert "".join(label.split()) in "".join(table.replace("\n", "").split()) or label[:20] in table
+        noisy_row = table[table.rindex("4096") :]
+        assert "~" in noisy_row and "±7009%" in noisy_row

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,8 @@ import click
 from sae_tune.artefacts import UnsafeArtefactDir
 from sae_tune.cli.options import DTYPE_NAMES, DeviceType, torch_dtype
 
-TABLE_HEADERS = (
-    "batch",
-    "winner",
-    "ms",
-    "dense ms",
-    "vs dense",
-    "vs sparse_csr",
-    "vs embedding_bag",
-    "measured",
-)
+# Short headers and plain columns, so that a row with the longest winner label fits 120 columns.
+TABLE_HEADERS = ("B", "winner", "ms", "dense ms", "vs dense", "vs csr", "vs bag", "trials")
 
 
 @dataclass(frozen=True)
@@ -157,31 +150,58 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+LABEL_WIDTH = 34
+TABLE_WIDTH = 120
+
+
+def fitted(render: Callable[[Callable[[str], str]], str]) -> str:
+    """``render(label_of)``'s table with whole labels, or, where a line would pass ``TABLE_WIDTH``
+    columns, with each label wrapped over lines of ``LABEL_WIDTH`` characters."""
+    table = render(lambda label: label)
+    if max(map(len, table.splitlines()), default=0) <= TABLE_WIDTH:
+        return table
+    return render(wrap_label)
+
+
+def wrap_label(label: str, width: int = LABEL_WIDTH) -> str:
+    """A winner's label on lines of at most ``width`` characters, broken after a "-" (labels are dash-
+    separated parameters), so that a table row with the longest label fits 120 columns."""
+    lines: list[str] = []
+    while len(label) > width:
+        cut = label.rfind("-", 0, width) + 1 or width
+        lines.append(label[:cut])
+        label = label[cut:]
+    return "\n".join([*lines, label])
+
+
 def format_table(results) -> str:
     from tabulate import tabulate
 
     from sae_tune.cache.store import is_noisy
 
-    def ms(value: float, spread: float | None) -> str:
-        return f"{value:.3f} ±{spread * 100:.0f}% (noisy)" if is_noisy(spread) else f"{value:.3f}"
+    def ms(value: float, spread: float | None) -> str:  # a noisy time shows its spread
+        return f"{value:.3f} ±{spread * 100:.0f}%" if is_noisy(spread) else f"{value:.3f}"
 
-    def noisy(text: str, r) -> str:  # a ratio of noisy times is not a speedup: say so
-        return f"{text} (noisy)" if r.noisy and text != "-" else text
+    def noisy(text: str, r) -> str:  # a ratio with a noisy time in it is not a speedup: "~"
+        return f"~{text}" if r.noisy and text != "-" else text
 
-    rows = [
-        (
+    def render(label_of: Callable[[str], str]) -> str:
+        rows = [row(r, label_of) for r in results]
+        return tabulate(rows, headers=TABLE_HEADERS, tablefmt="simple", disable_numparse=True)
+
+    def row(r, label_of: Callable[[str], str]) -> tuple:
+        return (
             r.batch_size,
-            r.best.label,
+            label_of(r.best.label),
             ms(r.best_ms, r.best_spread),
-            ms(r.dense_ms, r.dense_spread),
+            f"{r.dense_ms:.3f}" + ("*" if is_noisy(r.dense_spread) else ""),
             noisy(_ratio(r.speedup), r),
             noisy(_ratio(r.versus("sparse_csr")), r),
             noisy(_ratio(r.versus("embedding_bag_csr")), r),
-            f"{r.trials} ({r.failed} failed)",
+            f"{r.trials}" + (f" ({r.failed} failed)" if r.failed else ""),
         )
-        for r in results
-    ]
-    return tabulate(rows, headers=TABLE_HEADERS, tablefmt="github")
+
+    return fitted(render)
 
 
 def _cache_error(cache: str | None, exc: Exception) -> click.BadParameter:
@@ -289,14 +309,18 @@ def run_tune(
         click.echo(json.dumps(payload, indent=1))
     else:
         click.echo(format_table(results))
-        click.echo("ms: median wall-clock time per decode, re-timed interleaved with dense in one run.")
+        click.echo(
+            "ms: median wall-clock time per decode, re-timed interleaved with dense in one run; vs csr / "
+            "vs bag: against torch.sparse CSR and embedding_bag; trials: candidates measured."
+        )
         if encoded:
             click.echo(format_encode_table(encoded))
             click.echo("encode ms: median time of sparse_encode's candidates, timed interleaved in one run.")
         if any(r.noisy for r in [*results, *encoded]):
             click.echo(
-                "(noisy): samples spread past half their median (a busy machine); such a winner is stored "
-                "flagged and replaced by the next quiet measurement, and its ratios are not speedups."
+                "noisy: ±N% (a time whose samples spread past half their median: a busy machine), * (a "
+                "noisy dense time), ~ (a ratio with a noisy time in it, not a speedup); such a winner is "
+                "stored flagged and replaced by the next quiet measurement."
             )
 
 
@@ -344,23 +368,33 @@ def format_encode_table(results) -> str:
 
     from sae_tune.cache.store import is_noisy
 
-    def flag(text: str, noisy: bool) -> str:  # a noisy time, and a ratio of one, is not a speed
-        return f"{text} (noisy)" if noisy and text != "-" else text
+    def ms(value: float, spread: float | None) -> str:
+        return f"{value:.3f} ±{spread * 100:.0f}%" if is_noisy(spread) else f"{value:.3f}"
 
-    rows = [
-        (
+    def candidates(r) -> str:
+        return f"{len(r.times)}" + (f" ({len(r.failed)} failed)" if r.failed else "")
+
+    def ratio(r) -> str:  # a ratio of noisy times is not a speedup: "~", and the row says why
+        text = _ratio(None if r.default_ms is None else r.default_ms / r.best_ms)
+        return f"~{text}" if r.noisy and text != "-" else text
+
+    def row(r, label_of: Callable[[str], str]) -> tuple:
+        return (
             r.batch_size,
             r.key.op,
-            r.best.label,
-            flag(f"{r.best_ms:.3f}", is_noisy(r.best_spread)),
-            "-" if r.default_ms is None else flag(f"{r.default_ms:.3f}", is_noisy(r.default_spread)),
-            flag(_ratio(None if r.default_ms is None else r.default_ms / r.best_ms), r.noisy),
-            f"{len(r.times)} ({len(r.failed)} failed)",
+            label_of(r.best.label),
+            ms(r.best_ms, r.best_spread),
+            "-" if r.default_ms is None else ms(r.default_ms, r.default_spread),
+            ratio(r),
+            candidates(r),
         )
-        for r in results
-    ]
-    headers = ("batch", "op", "encode winner", "ms", "default ms", "vs default", "candidates")
-    return tabulate(rows, headers=headers, tablefmt="github")
+
+    def render(label_of: Callable[[str], str]) -> str:
+        headers = ("B", "op", "encode winner", "ms", "default ms", "vs default", "candidates")
+        rows = [row(r, label_of) for r in results]
+        return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+
+    return fitted(render)
 
 
 def _tune_sizes(
