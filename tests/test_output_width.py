@@ -275,3 +275,20 @@ def test_the_tuners_tables_fit_120_columns_with_the_longest_labels_and_noisy_row
         assert "".join(label.split()) in "".join(table.replace("\n", "").split()) or label[:20] in table
         noisy_row = table[table.rindex("4096") :]
         assert "~" in noisy_row and "±7009%" in noisy_row
+
+
+def test_bench_prints_its_tables_within_120_columns_with_every_note_kept(tmp_path, monkeypatch):
+    from test_bench import TINY
+
+    from sae_tune.bench.report import for_terminal, markdown_table
+
+    note = "cache: " + "cpu[c-twophase-t4-d256-u4-p8-s64-thall-dynamic] measured here 0.428 ms ±3% " * 3
+    md = "B=32.\n\n" + markdown_table(("path", "ms", "note"), [("dense", "83.6", "-"), ("x", "0.4", note)])
+    shown = for_terminal(md)
+    assert max(len(line) for line in shown.splitlines()) <= 120 and "| x | 0.4 | [1] |" in shown
+    assert " ".join(shown[shown.rindex("[1] ") + 4 :].split()) == " ".join(note.split())  # nothing cut
+    monkeypatch.setattr("sae_tune.bench.QUICK", TINY)
+    result = run("bench", "--quick", "--device", "cpu", "--table", "summary", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    printed = [line for line in result.stdout.splitlines() if not line.startswith("wrote ")]
+    assert "| path |" in result.stdout and max(len(line) for line in printed) <= 120, max(printed, key=len)

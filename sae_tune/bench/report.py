@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import re
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -76,6 +78,40 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def for_terminal(markdown: str, width: int = 120) -> str:
+    """A section of bench.md as a terminal shows it within ``width`` columns: a table row that would be
+    wider has its longest cells replaced by numbered references ("[1]"), whose texts follow the table,
+    wrapped; other lines are wrapped. Nothing is cut."""
+    out: list[str] = []
+    notes: list[str] = []
+
+    def flush() -> None:
+        for i, note in enumerate(notes, 1):
+            out.extend(
+                textwrap.wrap(
+                    note, width, initial_indent=f"[{i}] ", subsequent_indent="    ", break_on_hyphens=False
+                )
+            )
+        notes.clear()
+
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            flush()
+            out.extend(textwrap.wrap(line, width, break_on_hyphens=False) or [""])
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        while len(line) > width:
+            longest = max(range(len(cells)), key=lambda i: len(cells[i]))
+            if len(cells[longest]) <= 6:
+                break  # nothing left worth a reference
+            notes.append(cells[longest].replace("\\|", "|"))
+            cells[longest] = f"[{len(notes)}]"
+            line = "| " + " | ".join(cells) + " |"
+        out.append(line)
+    flush()
+    return "\n".join(out)
 
 
 def _paths(rows: Iterable[Measurement]) -> list[str]:

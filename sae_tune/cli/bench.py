@@ -67,7 +67,7 @@ def bench_command(
 
     from sae_tune.bench import FULL, QUICK, run_bench
     from sae_tune.bench.output import BenchOutput, OutputError
-    from sae_tune.bench.report import HEADINGS, SECTIONS
+    from sae_tune.bench.report import HEADINGS, SECTIONS, for_terminal
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,7 +96,7 @@ def bench_command(
     present = {r.table for r in result.measurements}
     for table in ECHOED:
         if table in present:
-            click.echo(f"{HEADINGS[table]}\n\n{SECTIONS[table](result)}\n")
+            click.echo(f"{HEADINGS[table]}\n\n{for_terminal(SECTIONS[table](result))}\n")
     for path in files:
         click.echo(f"wrote {path}")
     click.echo(f"{config.name} run on {result.stamp.device}: {time.perf_counter() - started:.0f} s")
