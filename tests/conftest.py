@@ -100,16 +100,20 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param
 
 
-def require_tool(*names: str) -> str:
-    """The path of the first of ``names`` on PATH. Missing: a skip on a developer's machine, a failure in
-    CI (``.ci/run`` installs every tool a test needs, so a skip there would hide a missing install)."""
-    import shutil
-
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    message = f"needs {' or '.join(names)} on PATH (.ci/run installs it)"
+def require(ok: bool, message: str) -> None:
+    """Go on when ``ok``; otherwise a skip on a developer's machine and a failure in CI (``.ci/run``
+    installs every tool a test needs, so a skip there would hide a missing install)."""
+    if ok:
+        return
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_tool(*names: str) -> str:
+    """The path of the first of ``names`` on PATH (see ``require`` for when there is none)."""
+    import shutil
+
+    found = next((path for path in map(shutil.which, names) if path), None)
+    require(found is not None, f"needs {' or '.join(names)} on PATH (.ci/run installs it)")
+    return found

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from conftest import assert_matches_dense, random_acts, random_weights
+from conftest import assert_matches_dense, random_acts, random_weights, require
 
 from sae_tune import explain, forksafe, sparse_decode
 from sae_tune.cache.store import CacheKey, Provenance, WinnerRecord
@@ -100,8 +100,7 @@ def _decode_in_child(conn, acts, W, b) -> None:
 @pytest.mark.parametrize("winner", [None, 0, 2], ids=["model", "cpu-all-threads", "cpu-2-threads"])
 def test_forked_child_after_openmp_decodes_without_hanging(two_threads, winner):
     if winner is not None:
-        if not cpu_available():
-            pytest.skip("no C compiler: the cpu target does not run here")
+        require(cpu_available(), "needs a C compiler for the cpu target (.ci/run's machine has gcc)")
         _use(_cpu_record(F, D, torch.float32, threads=winner))
     acts = random_acts(B, F, 9, torch.float32)
     W, b = random_weights(F, D, torch.float32)

@@ -47,7 +47,7 @@ class Timing:
     @property
     def noisy(self) -> bool:
         """Whether the spread is past NOISY_SPREAD: the median of such samples is not a speed."""
-        return len(self.samples) >= 2 and is_noisy(self.spread)
+        return is_noisy(timing_noise(self))
 
 
 def quietest(measure: Callable[[], T], noise: Callable[[T], float], *, retries: int = NOISY_RETRIES) -> T:

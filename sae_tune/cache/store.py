@@ -1004,32 +1004,27 @@ class Store:
         earlier release wrote it) move to its current name, keeping every trial, baseline and winner. A key
         that already has a winner under the new name keeps the faster of the two."""
         for old, new in renames.items():
-            if (
-                old == new
-                or not self.db.execute(
-                    "SELECT 1 FROM winners WHERE device_name = ? UNION ALL "
-                    "SELECT 1 FROM trials WHERE device_name = ? UNION ALL "
-                    "SELECT 1 FROM baselines WHERE device_name = ? LIMIT 1",
-                    [old, old, old],
-                ).fetchone()
-            ):
+            if old == new:
                 continue
+            found = 0
             for table in ("trials", "baselines", "winners"):
                 rows = self.db.execute(
                     f"SELECT rowid AS row_number_, * FROM [{table}] WHERE device_name = ?", [old]
                 )
                 names = [d[0] for d in rows.description]
                 for values in rows.fetchall():
+                    found += 1
                     row = dict(zip(names, values, strict=True))
                     try:
                         key = CacheKey(**{**{k: row[k] for k in KEY_FIELDS}, "device_name": new})
                     except FieldError:
                         continue  # a row that was invalid before stays as it was (and is skipped on read)
                     self._move_row(table, row, key)
-            self.db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('renamed_devices', ?)",
-                [f"{old!r} -> {new!r} on {now_iso()} by {sae_tune_version()}"],
-            )
+            if found:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('renamed_devices', ?)",
+                    [f"{old!r} -> {new!r} on {now_iso()} by {sae_tune_version()}"],
+                )
 
     def _move_row(self, table: str, row: dict[str, Any], key: CacheKey) -> None:
         """Re-key one row of ``table`` (by rowid) to ``key``, resolving a clash with a row already there."""

@@ -94,7 +94,15 @@ def show(cache: str | None, as_json: bool, wide: bool) -> None:
 
 
 def _speedup(w: WinnerRecord) -> str:
-    return "-" if w.speedup is None else f"{w.speedup:.2f}x"
+    """The winner's speedup over dense, flagged when its time is noisy (then it is not a speedup)."""
+    if w.speedup is None:
+        return "-"
+    return f"{w.speedup:.2f}x" + (" (noisy)" if w.noisy else "")
+
+
+def _source(w: WinnerRecord) -> str:
+    """Where the winner's time comes from: "measured", "shipped", or the file it was imported from."""
+    return w.provenance.source if w.origin is None else f"imported from {w.origin}"
 
 
 def wide_table(winners: list[WinnerRecord]) -> list[str]:
@@ -115,8 +123,8 @@ def wide_table(winners: list[WinnerRecord]) -> list[str]:
             w.impl,
             json.dumps(w.config, sort_keys=True),
             format_ms(w.ms, w.spread),
-            _speedup(w) + (" (noisy)" if w.noisy and w.speedup is not None else ""),
-            w.provenance.source if w.origin is None else f"imported from {w.origin}",
+            _speedup(w),
+            _source(w),
         )
         for w in winners
     ]
@@ -199,8 +207,8 @@ def narrow_tables(winners: list[WinnerRecord], width: int = WIDTH) -> list[str]:
                     str(w.key.l0_bucket),
                     config_label(w),
                     format_ms(w.ms, w.spread),
-                    _speedup(w) + (" (noisy)" if w.noisy and w.speedup is not None else ""),
-                    w.provenance.source if w.origin is None else f"imported from {w.origin}",
+                    _speedup(w),
+                    _source(w),
                 ]
                 for w in group
             ]

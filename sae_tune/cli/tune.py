@@ -154,13 +154,34 @@ LABEL_WIDTH = 34
 TABLE_WIDTH = 120
 
 
-def fitted(render: Callable[[Callable[[str], str]], str]) -> str:
-    """``render(label_of)``'s table with whole labels, or, where a line would pass ``TABLE_WIDTH``
-    columns, with each label wrapped over lines of ``LABEL_WIDTH`` characters."""
+def fitted(headers: tuple[str, ...], rows_of: Callable[[Callable[[str], str]], list[tuple]]) -> str:
+    """A plain table of ``rows_of(label_of)`` with whole labels, or, where a line would pass
+    ``TABLE_WIDTH`` columns, with each label wrapped over lines of ``LABEL_WIDTH`` characters."""
+    from tabulate import tabulate
+
+    def render(label_of: Callable[[str], str]) -> str:
+        return tabulate(rows_of(label_of), headers=headers, tablefmt="simple", disable_numparse=True)
+
     table = render(lambda label: label)
     if max(map(len, table.splitlines()), default=0) <= TABLE_WIDTH:
         return table
     return render(wrap_label)
+
+
+def _time_cell(value: float, spread: float | None) -> str:
+    """A time in ms; a noisy one shows its spread."""
+    from sae_tune.cache.store import is_noisy
+
+    return f"{value:.3f} ±{spread * 100:.0f}%" if is_noisy(spread) else f"{value:.3f}"
+
+
+def _approx(text: str, noisy: bool) -> str:
+    """A ratio; "~" where a noisy time is in it (then it is not a speedup)."""
+    return f"~{text}" if noisy and text != "-" else text
+
+
+def _count(n: int, failed: int) -> str:
+    return f"{n}" + (f" ({failed} failed)" if failed else "")
 
 
 def wrap_label(label: str, width: int = LABEL_WIDTH) -> str:
@@ -175,33 +196,21 @@ def wrap_label(label: str, width: int = LABEL_WIDTH) -> str:
 
 
 def format_table(results) -> str:
-    from tabulate import tabulate
-
     from sae_tune.cache.store import is_noisy
-
-    def ms(value: float, spread: float | None) -> str:  # a noisy time shows its spread
-        return f"{value:.3f} ±{spread * 100:.0f}%" if is_noisy(spread) else f"{value:.3f}"
-
-    def noisy(text: str, r) -> str:  # a ratio with a noisy time in it is not a speedup: "~"
-        return f"~{text}" if r.noisy and text != "-" else text
-
-    def render(label_of: Callable[[str], str]) -> str:
-        rows = [row(r, label_of) for r in results]
-        return tabulate(rows, headers=TABLE_HEADERS, tablefmt="simple", disable_numparse=True)
 
     def row(r, label_of: Callable[[str], str]) -> tuple:
         return (
             r.batch_size,
             label_of(r.best.label),
-            ms(r.best_ms, r.best_spread),
+            _time_cell(r.best_ms, r.best_spread),
             f"{r.dense_ms:.3f}" + ("*" if is_noisy(r.dense_spread) else ""),
-            noisy(_ratio(r.speedup), r),
-            noisy(_ratio(r.versus("sparse_csr")), r),
-            noisy(_ratio(r.versus("embedding_bag_csr")), r),
-            f"{r.trials}" + (f" ({r.failed} failed)" if r.failed else ""),
+            _approx(_ratio(r.speedup), r.noisy),
+            _approx(_ratio(r.versus("sparse_csr")), r.noisy),
+            _approx(_ratio(r.versus("embedding_bag_csr")), r.noisy),
+            _count(r.trials, r.failed),
         )
 
-    return fitted(render)
+    return fitted(TABLE_HEADERS, lambda label_of: [row(r, label_of) for r in results])
 
 
 def _cache_error(cache: str | None, exc: Exception) -> click.BadParameter:
@@ -364,37 +373,20 @@ def _tune_encode(spec, tuner, store, sizes, seed, retune, phase) -> list:
 
 
 def format_encode_table(results) -> str:
-    from tabulate import tabulate
-
-    from sae_tune.cache.store import is_noisy
-
-    def ms(value: float, spread: float | None) -> str:
-        return f"{value:.3f} ±{spread * 100:.0f}%" if is_noisy(spread) else f"{value:.3f}"
-
-    def candidates(r) -> str:
-        return f"{len(r.times)}" + (f" ({len(r.failed)} failed)" if r.failed else "")
-
-    def ratio(r) -> str:  # a ratio of noisy times is not a speedup: "~", and the row says why
-        text = _ratio(None if r.default_ms is None else r.default_ms / r.best_ms)
-        return f"~{text}" if r.noisy and text != "-" else text
-
     def row(r, label_of: Callable[[str], str]) -> tuple:
+        ratio = _ratio(None if r.default_ms is None else r.default_ms / r.best_ms)
         return (
             r.batch_size,
             r.key.op,
             label_of(r.best.label),
-            ms(r.best_ms, r.best_spread),
-            "-" if r.default_ms is None else ms(r.default_ms, r.default_spread),
-            ratio(r),
-            candidates(r),
+            _time_cell(r.best_ms, r.best_spread),
+            "-" if r.default_ms is None else _time_cell(r.default_ms, r.default_spread),
+            _approx(ratio, r.noisy),
+            _count(len(r.times), len(r.failed)),
         )
 
-    def render(label_of: Callable[[str], str]) -> str:
-        headers = ("B", "op", "encode winner", "ms", "default ms", "vs default", "candidates")
-        rows = [row(r, label_of) for r in results]
-        return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
-
-    return fitted(render)
+    headers = ("B", "op", "encode winner", "ms", "default ms", "vs default", "candidates")
+    return fitted(headers, lambda label_of: [row(r, label_of) for r in results])
 
 
 def _tune_sizes(

@@ -452,7 +452,7 @@ class Dispatcher:
             if option.source == "model":
                 option = self._model_for_batch(option, inputs, ctx)
             decision = option.decision()
-            note = _build_note(target_of(decision.implementation), inputs.acts.device)
+            note = target_of(decision.implementation).build_note(inputs.acts.device)
             if note and option.source != "model":  # the model's reason already names every build note
                 decision = dataclasses.replace(decision, reason=f"{decision.reason}; {note}")
             if decision.implementation != "dense" and needs_grad(feature_acts, W_dec, b_dec):
@@ -510,18 +510,13 @@ def _explain_sparse_acts(
     return Decision("embedding_bag_csr", DENSE_CONFIG, "csr", reason)
 
 
-def _build_note(target: Any, device: torch.device) -> str | None:
-    """The target's short note on how it builds here (e.g. "serial build (no OpenMP): 1 thread"), if any."""
-    return target.build_note(device)
-
-
 def _unavailable(device: torch.device) -> str:
     """Why generated targets meant for this device type cannot run here (e.g. "no C compiler: library paths
     only") or run limited (a serial build), for the cost model's reason; empty when they all run fully."""
     notes = []
     for target in GENERATED:
         if device.type in target.timed_kinds:
-            reason, note = target.available(device), _build_note(target, device)
+            reason, note = target.available(device), target.build_note(device)
             if reason is not None:
                 detail = f"{target.name} target unavailable: {reason}"
                 notes.append(f"{note} ({detail})" if note else detail)

@@ -75,9 +75,9 @@ def verify(fn: DecodeFn, inputs: DecodeInputs, *, densest: bool = False) -> Veri
 
     At most ``VERIFY_TOKENS`` tokens are checked (the float64 reference copies every W_dec row they fire):
     the first ones, or with ``densest`` those with the most non-zeros (their largest L0 is returned). The
-    output is returned for reuse only when that was the whole batch. A bias of a wider dtype than
-    W_dec (bf16 weights, fp32 bias) is left out: the product is rounded to W_dec's dtype before the
-    promotion, so only the product can be held to W_dec's tolerance (the bias add is torch's own op).
+    output is returned for reuse only when that was the whole batch. A bias reaches a path only as a
+    (D,) vector of W_dec's dtype: any other is added by the dispatcher after the product
+    (``inputs.bias_after``).
     """
     with torch.no_grad():
         acts, W, l0 = inputs.acts[:VERIFY_TOKENS].detach(), inputs.W_dec.detach(), None
@@ -88,19 +88,15 @@ def verify(fn: DecodeFn, inputs: DecodeInputs, *, densest: bool = False) -> Veri
                 acts, counts = inputs.acts.detach().index_select(0, rows), counts.index_select(0, rows)
             l0 = int(counts.max()) if counts.numel() else 0
         b = None if inputs.b_dec is None else inputs.b_dec.detach()
-        promotes = b is not None and b.dtype != W.dtype
-        if promotes:
-            b = None
         try:
             out = fn(acts, W, b)
         except Exception as exc:  # a compile error, a kernel the templates cannot render, ...
             return Verification(None, f"raised {type(exc).__name__}: {str(exc)[:300]}")
         fired = (acts != 0).any(0).nonzero().flatten()
-        expected = W.dtype if promotes else inputs.out_dtype
-        verdict = check(out, Reference.of(acts[:, fired], W[fired], b), expected)
+        verdict = check(out, Reference.of(acts[:, fired], W[fired], b), inputs.out_dtype)
     if not verdict.decided:
         return Verification(None, verdict.reason, decided=False)
     if not verdict.ok:
         return Verification(None, f"wrong result against dense: {verdict.reason}")
-    whole = not promotes and inputs.n_tokens <= VERIFY_TOKENS
+    whole = inputs.n_tokens <= VERIFY_TOKENS
     return Verification(out if whole else None, "", l0=l0)

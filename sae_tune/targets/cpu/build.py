@@ -14,7 +14,7 @@ On disk, in ``kernel_dir()/c`` (a private 0700 folder, see ``sae_tune.artefacts`
 where <key> is the sha256 of (source, compiler identity, flags, CPU identity). Every file is written
 through a temporary name and a rename, so concurrent builders of the same kernel never see half a file.
 
-The CPU identity (``sae_tune.device.cpu_key_name``: architecture, model, generation, vector extensions) is
+The CPU identity (``sae_tune.cpu_identity.cpu_key_name``: architecture, model, generation, extensions) is
 part of every key and of the probe record's name, because ``<native>`` objects only run on the CPU that
 built them: in a kernel folder shared between machines (a home directory on NFS across Intel and AMD
 nodes) an AVX-512 object loaded on an AVX2 node dies with SIGILL. Another CPU finds other keys, so it
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sae_tune.artefacts import private_dir, read_if_matches, sha256_hex, write_atomic
-from sae_tune.device import cpu_key_name
+from sae_tune.cpu_identity import cpu_key_name
 from sae_tune.paths import KERNEL_DIR_ENV, kernel_dir, private_kernel_dir
 
 BASE_FLAGS = ("-O3", "-fPIC", "-shared")
@@ -119,20 +119,14 @@ class Compiler:
         return "-fopenmp" in self.flags
 
 
-def serial_note() -> str:
-    """What explain() says of a serial build."""
-    return "serial build (no OpenMP): 1 thread"
-
-
-@functools.cache
-def _this_cpu() -> str:
-    return f"{platform.machine()} {cpu_key_name()}"
+SERIAL_NOTE = "serial build (no OpenMP): 1 thread"  # what explain() says of a serial build
 
 
 def cpu_identity() -> str:
-    """This machine's architecture and CPU key (``sae_tune.device.cpu_key_name``): what built objects
-    and probe records are keyed by, since native code runs only on the CPU it was built for."""
-    return _this_cpu()
+    """This CPU's key name (``sae_tune.cpu_identity.cpu_key_name``: its digest covers the architecture,
+    generation and vector extensions): what built objects and probe records are keyed by, since native
+    code runs only on the CPU it was built for."""
+    return cpu_key_name()
 
 
 # A C entry point's ctypes signature: (argument types, return type).

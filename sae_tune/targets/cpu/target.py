@@ -42,7 +42,7 @@ class CpuTarget(Target):
     def build_note(self, device: torch.device) -> str | None:
         """How the C kernels build here when that limits them, for explain(): no compiler (the dispatcher
         then has the library paths only) or a serial build (no OpenMP: every kernel runs on one thread)."""
-        from sae_tune.targets.cpu.build import compiler, serial_note
+        from sae_tune.targets.cpu.build import SERIAL_NOTE, compiler
 
         if torch.device(device).type != "cpu":
             return None
@@ -50,7 +50,7 @@ class CpuTarget(Target):
         if isinstance(cc, str):
             working = "no C compiler" if cc.startswith("no C compiler") else "no working C compiler"
             return f"{working}: library paths only"
-        return None if cc.openmp else serial_note()
+        return None if cc.openmp else SERIAL_NOTE
 
     def parse(self, impl: str, config: Mapping[str, Any]) -> dict[str, Any]:
         return CpuVariant.from_dict(config).to_dict()
