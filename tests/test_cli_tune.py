@@ -38,6 +38,8 @@ def test_table_output_and_preset_names(tmp_path):
     result = invoke(*SMALL, "--batch-size", "2", "--cache", str(tmp_path / "c.sqlite"))
     assert result.exit_code == 0
     assert "winner" in result.output and "vs dense" in result.output and "F=2048 D=32" in result.output
+    # every line fits a terminal of 120 columns (the tables, their legends, the header with the cache path)
+    assert max(len(line) for line in result.stdout.splitlines()) <= 120, result.stdout
 
 
 def test_acts_file_is_the_workload(tmp_path):

@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,6 +169,11 @@ def fitted(headers: tuple[str, ...], rows_of: Callable[[Callable[[str], str]], l
     return render(wrap_label)
 
 
+def _echo_prose(text: str) -> None:
+    """A sentence of the tuner's output, wrapped at ``TABLE_WIDTH`` columns (words and paths kept whole)."""
+    click.echo(textwrap.fill(text, TABLE_WIDTH, break_on_hyphens=False, break_long_words=False))
+
+
 def _time_cell(value: float, spread: float | None) -> str:
     """A time in ms; a noisy one shows its spread."""
     from sae_tune.cache.store import is_noisy
@@ -318,15 +324,15 @@ def run_tune(
         click.echo(json.dumps(payload, indent=1))
     else:
         click.echo(format_table(results))
-        click.echo(
+        _echo_prose(
             "ms: median wall-clock time per decode, re-timed interleaved with dense in one run; vs csr / "
             "vs bag: against torch.sparse CSR and embedding_bag; trials: candidates measured."
         )
         if encoded:
             click.echo(format_encode_table(encoded))
-            click.echo("encode ms: median time of sparse_encode's candidates, timed interleaved in one run.")
+            _echo_prose("encode ms: median time of sparse_encode's candidates, timed interleaved in one run.")
         if any(r.noisy for r in [*results, *encoded]):
-            click.echo(
+            _echo_prose(
                 "noisy: ±N% (a time whose samples spread past half their median: a busy machine), * (a "
                 "noisy dense time), ~ (a ratio with a noisy time in it, not a speedup); such a winner is "
                 "stored flagged and replaced by the next quiet measurement."
@@ -418,7 +424,7 @@ def _tune_sizes(
             f"{dev}: {first}"
         ) from exc
     if not as_json:
-        click.echo(
+        _echo_prose(
             f"{spec.name}: F={spec.width} D={spec.d_model} L0~{spec.l0} ({spec.arch}) on "
             f"{tuner.info.name} [{dev.type}], {dtype}; workload L0 mean {tuner.l0.mean:.1f}, "
             f"p99 {tuner.l0.p99}, max {tuner.l0.max}; cache {store.path}"
